@@ -1,0 +1,105 @@
+"""What a dataset adapter hands the shard builder: one `SourceRecord` per image.
+
+Coordinates in records are in the ORIGINAL image's pixels; the builder converts them to the stored
+image's pixels. Labels use the shared vocabulary, with 1, 0, or None for unknown/uncertain.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Box:
+    label: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+    def as_list(self) -> list[float]:
+        return [self.x0, self.y0, self.x1, self.y1]
+
+    def problem(self, width: int, height: int) -> str | None:
+        """Why this box cannot be used on a width x height image, or None if it is fine."""
+        coords = self.as_list()
+        if not all(math.isfinite(c) for c in coords):
+            return f"box {self.label!r} has a non-finite coordinate {coords}"
+        if self.x1 <= self.x0 or self.y1 <= self.y0:
+            return f"box {self.label!r} is inverted or empty {coords}"
+        if self.x0 < -0.5 or self.y0 < -0.5 or self.x1 > width + 0.5 or self.y1 > height + 0.5:
+            return f"box {self.label!r} {coords} lies outside the {width}x{height} image"
+        return None
+
+
+@dataclass
+class SourceRecord:
+    dataset: str
+    image_id: str
+    path: str
+    load: Callable[[], np.ndarray]
+    patient_id: str
+    split: str
+    labels: dict[str, int | None]
+    source_labels: dict = field(default_factory=dict)
+    boxes: list[Box] = field(default_factory=list)
+    landmarks: dict[str, tuple[float, float]] | None = None
+    view: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.dataset, self.image_id)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def sample_key(dataset: str, image_id: str) -> str:
+    """`<dataset>/<safe id>`: webdataset splits a member name at its first dot, so ids lose dots."""
+    return f"{dataset}/{_UNSAFE.sub('_', image_id)}"
+
+
+SPLITS = ("train", "val", "test")
+
+
+class RejectLog:
+    """Collects (path, reason) for every input that could not be used. Nothing is dropped silently."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+        self._lock = threading.Lock()
+
+    def add(self, path: str, reason: str, key: str | None = None) -> None:
+        entry = {"path": str(path), "reason": str(reason)}
+        if key is not None:
+            entry["key"] = key
+        with self._lock:
+            self.entries.append(entry)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def write_jsonl(self, path: Path) -> None:
+        from leader.io import atomic_write_text
+
+        atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries))
+
+
+class DatasetAdapter(Protocol):
+    name: str
+    label_names: list[str]
+    has_boxes: bool
+    has_landmarks: bool
+    overlap_note: str | None
+
+    def records(
+        self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None
+    ) -> Iterator[SourceRecord]: ...
