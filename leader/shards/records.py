@@ -63,8 +63,17 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def sample_key(dataset: str, image_id: str) -> str:
-    """`<dataset>/<safe id>`: webdataset splits a member name at its first dot, so ids lose dots."""
-    return f"{dataset}/{_UNSAFE.sub('_', image_id)}"
+    """`<dataset>/<safe id>`: webdataset splits a member name at its first dot, so ids lose dots.
+
+    When sanitising changes the id, a short hash of the original keeps distinct ids distinct
+    (`é.png` and `ü.png` would otherwise both become `_`).
+    """
+    safe = _UNSAFE.sub("_", image_id)
+    if safe != image_id:
+        import hashlib
+
+        safe += "_" + hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:8]
+    return f"{dataset}/{safe}"
 
 
 SPLITS = ("train", "val", "test")

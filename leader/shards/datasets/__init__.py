@@ -17,6 +17,11 @@ def load_all() -> None:
             importlib.import_module(f"{__name__}.{info.name}")
 
 
-def create_dataset(name: str):
+def create_dataset(name: str, **options):
     load_all()
-    return DATASETS.create(name)
+    try:
+        return DATASETS.create(name, **options)
+    except TypeError as e:
+        from leader.errors import LeaderError
+
+        raise LeaderError(f"dataset {name!r} does not take these options {sorted(options)}: {e}") from None

@@ -1,0 +1,440 @@
+"""Build WebDataset shards from a dataset adapter's records.
+
+    records (adapter) -> load + check + resize + encode (worker pool, in order)
+                      -> duplicate check, patch plan, item rows (main process, in order)
+                      -> shard-NNNNNN.tar (atomic) + per-shard state -> keys.txt, rejects.jsonl -> manifest.json
+
+Everything that decides content happens in record order, so the shards are byte-identical for
+any `--workers`. A killed build resumes from its last complete shard: the per-shard state holds
+all it needs (rows, keys, rejects, the healthy-patch size histogram).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import multiprocessing as mp
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+import leader
+from leader.errors import LeaderError
+from leader.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry
+from leader.shards.patches import (
+    PatchPlan,
+    PatchSizeHistogram,
+    diseased_patches,
+    healthy_patches,
+    landmark_patches,
+)
+from leader.shards.records import SPLITS, Box, RejectLog, SourceRecord
+
+STATE_DIR = ".build"
+# A box may overhang the image by this fraction of the side (annotation tools round outwards);
+# more than that means the box belongs to another image size, and the record is rejected.
+BOX_OVERHANG = 0.02
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    dataset: str
+    root: str | None = None
+    size: int = 512
+    shard_size: int = 1000
+    seed: int = 0
+    n: int | None = None
+    max_reject_fraction: float = 0.01
+    png_compression: int = 3
+    patch: PatchPlan = field(default_factory=PatchPlan)
+    options: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch"] = self.patch.to_dict()
+        return d
+
+    def content_dict(self) -> dict:
+        """The settings that decide the shards' content (the reject threshold does not)."""
+        d = self.to_dict()
+        d.pop("max_reject_fraction")
+        return d
+
+
+@dataclass
+class Prepared:
+    """One image ready to be written: the worker's output for an accepted record."""
+
+    index: int
+    key: str
+    png: bytes
+    meta: dict
+    diseased_fractions: list[float]
+
+
+@dataclass
+class Rejected:
+    index: int
+    path: str
+    reason: str
+    key: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one record in, one Prepared or Rejected out.
+
+
+def resize_long_side(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape
+    scale = size / max(h, w)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    if (new_w, new_h) == (w, h):
+        return img
+    if img.dtype == np.uint8:
+        return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.Resampling.LANCZOS))
+    # 16-bit: resample in float so that Pillow's 8-bit paths never truncate the depth.
+    out = np.asarray(Image.fromarray(img.astype(np.float32), mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS))
+    return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
+
+
+def encode_png(img: np.ndarray, compression: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=compression)
+    return buf.getvalue()
+
+
+def check_pixels(img) -> str | None:
+    if not isinstance(img, np.ndarray):
+        return f"loader returned {type(img).__name__}, not an array"
+    if img.ndim != 2:
+        return f"image has shape {img.shape}; expected a 2-D grayscale image"
+    if img.dtype not in (np.uint8, np.uint16):
+        return f"image dtype {img.dtype}; expected uint8 or uint16"
+    if img.shape[0] < 8 or img.shape[1] < 8:
+        return f"image is only {img.shape[1]}x{img.shape[0]} pixels"
+    if img.min() == img.max():
+        return "blank image (every pixel has the same value)"
+    return None
+
+
+def stored_boxes(boxes: list[Box], width: int, height: int, scale: float) -> tuple[list[dict], str | None]:
+    out = []
+    tol_x, tol_y = BOX_OVERHANG * width, BOX_OVERHANG * height
+    for b in boxes:
+        coords = b.as_list()
+        if not all(math.isfinite(c) for c in coords):
+            return [], f"box {b.label!r} has a non-finite coordinate {coords}"
+        if b.x1 <= b.x0 or b.y1 <= b.y0:
+            return [], f"box {b.label!r} {coords} is inverted or empty"
+        if b.x0 < -tol_x or b.y0 < -tol_y or b.x1 > width + tol_x or b.y1 > height + tol_y:
+            return [], f"box {b.label!r} {coords} lies outside the {width}x{height} image"
+        x0, y0 = max(b.x0, 0.0), max(b.y0, 0.0)
+        x1, y1 = min(b.x1, float(width)), min(b.y1, float(height))
+        out.append({"label": b.label, "x0": round(x0 * scale, 3), "y0": round(y0 * scale, 3),
+                    "x1": round(x1 * scale, 3), "y1": round(y1 * scale, 3)})
+    return out, None
+
+
+def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected:
+    index, rec, settings = job
+    where = rec.path or rec.key
+    try:
+        img = rec.load()
+    except Exception as e:  # any decoder failure is a reject, never a crash of the build
+        reason = str(e) or type(e).__name__
+        return Rejected(index, where, f"unreadable image: {reason}", rec.key)
+    if problem := check_pixels(img):
+        return Rejected(index, where, problem, rec.key)
+    height, width = img.shape
+    scale = settings.size / max(height, width)
+    boxes, problem = stored_boxes(rec.boxes, width, height, scale)
+    if problem:
+        return Rejected(index, where, problem, rec.key)
+    landmarks = None
+    if rec.landmarks is not None:
+        landmarks = {}
+        for name, (x, y) in rec.landmarks.items():
+            # Contours drawn by a model may sit a pixel past the edge; further out is an error.
+            if -1 <= x <= width + 1 and -1 <= y <= height + 1:
+                x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
+            else:
+                return Rejected(index, where, f"landmark {name!r} ({x}, {y}) lies outside the {width}x{height} image", rec.key)
+            landmarks[name] = [round(x * scale, 3), round(y * scale, 3)]
+    if rec.split not in SPLITS:
+        return Rejected(index, where, f"split {rec.split!r} is not one of {SPLITS}", rec.key)
+    stored = resize_long_side(img, settings.size)
+    h, w = stored.shape
+    patches = diseased_patches(boxes, w, h, settings.patch)
+    meta = {
+        "key": rec.key,
+        "dataset": rec.dataset,
+        "image_id": rec.image_id,
+        "path": rec.path,
+        "split": rec.split,
+        "patient_id": rec.patient_id,
+        "view": rec.view,
+        "orig_size": [height, width],
+        "size": [h, w],
+        "scale": scale,
+        "bits": 8 if stored.dtype == np.uint8 else 16,
+        "labels": rec.labels,
+        "source_labels": rec.source_labels,
+        "boxes": boxes,
+        "landmarks": landmarks,
+        "patches": patches,
+        "rows": None,
+        "extra": rec.extra,
+    }
+    fractions = [(p["box"][2] - p["box"][0]) / max(w, h) for p in patches]
+    return Prepared(index, rec.key, encode_png(stored, settings.png_compression), meta, fractions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main process: order, patches, rows, shards, resume.
+
+
+def is_normal(meta: dict) -> bool:
+    labels = meta["labels"]
+    return not meta["boxes"] and bool(labels) and not any(v == 1 for k, v in labels.items() if k != "no_finding")
+
+
+class ShardBuilder:
+    def __init__(self, settings: BuildSettings, out: Path, adapter):
+        self.s = settings
+        self.out = out
+        self.adapter = adapter
+        self.state_dir = out / STATE_DIR
+        self.histogram = PatchSizeHistogram()
+        self.next_row = 0
+        self.consumed = 0              # records consumed by complete shards
+        self.completed: list[dict] = []
+        self.seen_keys: set[str] = set()
+        self.landmark_names: list[str] = []
+
+    # -- resume --------------------------------------------------------------------------
+    def restore(self) -> None:
+        settings_file = self.state_dir / "settings.json"
+        wanted = self.s.content_dict()
+        if settings_file.exists():
+            found = json.loads(settings_file.read_text())
+            if found != wanted:
+                changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+                raise LeaderError(
+                    f"{self.out} holds a partial build with other settings ({', '.join(changed)}); "
+                    "rerun with the same settings, or pass --overwrite"
+                )
+        else:
+            atomic_write_json(settings_file, wanted)
+        for state_file in sorted(self.state_dir.glob("shard-*.json")):
+            state = json.loads(state_file.read_text())
+            tar = self.out / state["name"]
+            if not tar.exists() or sha256_file(tar) != state["sha256"]:
+                break  # the first shard that is not intact ends what can be reused
+            self.completed.append(state)
+        # A shard past a broken one cannot be trusted: its rows depend on what came before.
+        for state_file in sorted(self.state_dir.glob("shard-*.json"))[len(self.completed):]:
+            state_file.unlink()
+        for state in self.completed:
+            self.seen_keys.update(k for k, _ in state["keys"])
+            for name in state["landmark_names"]:
+                if name not in self.landmark_names:
+                    self.landmark_names.append(name)
+        if self.completed:
+            last = self.completed[-1]
+            self.histogram = PatchSizeHistogram(last["histogram"])
+            self.next_row = last["rows"][1]
+            self.consumed = last["consumed"]
+
+    # -- one shard -----------------------------------------------------------------------
+    def write_shard(self, samples: list[Prepared], rejects: list[Rejected], consumed: int) -> None:
+        import webdataset as wds
+
+        name = f"shard-{len(self.completed):06d}.tar"
+        for p in samples:
+            for f in p.diseased_fractions:
+                self.histogram.add(f)
+        row_start = self.next_row
+        keys, label_counts, splits, patch_counts = [], {}, {}, {}
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
+            for p in samples:
+                meta = p.meta
+                h, w = meta["size"]
+                if self.adapter.has_boxes and is_normal(meta):
+                    meta["patches"] += healthy_patches(p.key, w, h, self.histogram, self.s.patch, self.s.seed)
+                if meta["landmarks"] and meta["split"] in self.s.patch.landmark_splits:
+                    meta["patches"] += landmark_patches(meta["landmarks"], w, h, self.s.patch)
+                    for lm in meta["landmarks"]:
+                        if lm not in self.landmark_names:
+                            self.landmark_names.append(lm)
+                for patch in meta["patches"]:
+                    patch_counts[patch["kind"]] = patch_counts.get(patch["kind"], 0) + 1
+                n_items = 1 + len(meta["patches"])
+                meta["rows"] = [self.next_row, self.next_row + n_items]
+                self.next_row += n_items
+                keys.append([p.key, n_items])
+                splits[meta["split"]] = splits.get(meta["split"], 0) + 1
+                for label, v in meta["labels"].items():
+                    c = label_counts.setdefault(label, {"pos": 0, "neg": 0, "unknown": 0})
+                    c["pos" if v == 1 else "neg" if v == 0 else "unknown"] += 1
+                sink.write({"__key__": p.key, "json": json.dumps(meta, ensure_ascii=False).encode(), "png": p.png})
+        data = buf.getvalue()
+        atomic_write_bytes(self.out / name, data)
+        import hashlib
+
+        state = {
+            "name": name,
+            "n_samples": len(samples),
+            "n_items": self.next_row - row_start,
+            "rows": [row_start, self.next_row],
+            "first_key": samples[0].key,
+            "last_key": samples[-1].key,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "consumed": consumed,
+            "keys": keys,
+            "rejects": [{"path": r.path, "reason": r.reason, "key": r.key} for r in rejects],
+            "histogram": self.histogram.to_list(),
+            "label_counts": label_counts,
+            "splits": splits,
+            "patch_counts": patch_counts,
+            "landmark_names": list(self.landmark_names),
+        }
+        # The state is written after the tar: a state file always describes a complete shard.
+        atomic_write_json(self.state_dir / f"{Path(name).stem}.json", state, indent=None)
+        self.completed.append(state)
+
+    # -- the whole build -----------------------------------------------------------------
+    def run(self, workers: int, on_progress=None) -> Manifest:
+        self.restore()
+        adapter_rejects = RejectLog()
+        root = Path(self.s.root) if self.s.root else None
+        records = self.adapter.records(root, adapter_rejects, seed=self.s.seed, n=self.s.n)
+        jobs = ((i, rec, self.s) for i, rec in enumerate(records) if i >= self.consumed)
+        pending: list[Prepared] = []
+        pending_rejects: list[Rejected] = []
+        done = self.consumed
+        chunk = max(16, 8 * workers)
+        pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        try:
+            while True:
+                batch = list(_take(jobs, chunk))
+                if not batch:
+                    break
+                results = pool.map(prepare, batch, chunksize=max(1, len(batch) // (4 * workers))) if pool else map(prepare, batch)
+                for r in results:
+                    done += 1
+                    if isinstance(r, Prepared) and r.key in self.seen_keys:
+                        r = Rejected(r.index, r.meta["path"] or r.key, f"duplicate key {r.key!r}", r.key)
+                    if isinstance(r, Rejected):
+                        pending_rejects.append(r)
+                        continue
+                    self.seen_keys.add(r.key)
+                    pending.append(r)
+                    if len(pending) == self.s.shard_size:
+                        self.write_shard(pending, pending_rejects, consumed=r.index + 1)
+                        pending, pending_rejects = [], []
+                if on_progress:
+                    on_progress(done, len(self.completed))
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+        if pending:
+            self.write_shard(pending, pending_rejects, consumed=done)
+            pending_rejects = []
+        return self.finish(adapter_rejects, pending_rejects)
+
+    def finish(self, adapter_rejects: RejectLog, tail_rejects: list[Rejected]) -> Manifest:
+        rejects = list(adapter_rejects.entries)
+        for state in self.completed:
+            rejects += [{k: v for k, v in r.items() if v is not None} for r in state["rejects"]]
+        rejects += [{"path": r.path, "reason": r.reason, **({"key": r.key} if r.key else {})} for r in tail_rejects]
+        rejects.sort(key=lambda r: (r["path"], r["reason"]))
+        atomic_write_text(self.out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+        n_samples = sum(s["n_samples"] for s in self.completed)
+        total = n_samples + len(rejects)
+        if total == 0:
+            raise LeaderError(f"{self.s.dataset}: no images found (root {self.s.root})")
+        fraction = len(rejects) / total
+        if fraction > self.s.max_reject_fraction:
+            raise LeaderError(
+                f"{len(rejects)} of {total} inputs were rejected ({fraction:.1%}), more than "
+                f"--max-reject-fraction {self.s.max_reject_fraction:.1%}; reasons are in {self.out / REJECTS_NAME}. "
+                "No manifest was written; fix the inputs or raise the threshold and rerun (finished shards are kept)"
+            )
+        atomic_write_text(
+            self.out / KEYS_NAME,
+            "".join(f"{k}\t{n}\n" for s in self.completed for k, n in s["keys"]),
+        )
+        label_counts: dict = {}
+        splits, patch_counts = {}, {}
+        for s in self.completed:
+            for k, v in s["patch_counts"].items():
+                patch_counts[k] = patch_counts.get(k, 0) + v
+            for label, c in s["label_counts"].items():
+                acc = label_counts.setdefault(label, {"pos": 0, "neg": 0, "unknown": 0})
+                for k in acc:
+                    acc[k] += c[k]
+            for k, v in s["splits"].items():
+                splits[k] = splits.get(k, 0) + v
+        label_names = list(self.adapter.label_names) or sorted(label_counts)
+        manifest = Manifest(
+            root=self.out,
+            dataset=self.s.dataset,
+            label_names=label_names,
+            landmark_names=list(self.landmark_names),
+            has_boxes=bool(self.adapter.has_boxes),
+            has_landmarks=bool(getattr(self.adapter, "has_landmarks", False)),
+            overlap_note=getattr(self.adapter, "overlap_note", None),
+            build=self.s.to_dict(),
+            n_samples=n_samples,
+            n_items=self.completed[-1]["rows"][1] if self.completed else 0,
+            n_rejects=len(rejects),
+            splits={k: splits[k] for k in SPLITS if k in splits},
+            label_counts={k: label_counts[k] for k in label_names if k in label_counts},
+            shards=[ShardEntry(s["name"], s["n_samples"], s["n_items"], tuple(s["rows"]), s["first_key"], s["last_key"], s["sha256"]) for s in self.completed],
+            leader_version=leader.__version__,
+            extra={"patch_counts": patch_counts},
+        )
+        atomic_write_json(self.out / MANIFEST_NAME, manifest.to_dict())
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return manifest
+
+
+def _take(it: Iterator, n: int):
+    for _ in range(n):
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
+def build_shards(settings: BuildSettings, out: str | Path, workers: int = 1, overwrite: bool = False, on_progress=None) -> Manifest:
+    """Build (or resume, or confirm) the shard set for `settings` in `out`."""
+    from leader.shards.datasets import create_dataset
+
+    out = Path(out)
+    if settings.shard_size < 1:
+        raise LeaderError("--shard-size must be at least 1")
+    if settings.size < 16:
+        raise LeaderError("--size must be at least 16 pixels")
+    if overwrite and out.exists():
+        for p in list(out.glob("shard-*.tar")) + [out / MANIFEST_NAME, out / KEYS_NAME, out / REJECTS_NAME]:
+            p.unlink(missing_ok=True)
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    if (out / MANIFEST_NAME).exists():
+        existing = Manifest.load(out)
+        found = dict(existing.build)
+        found.pop("max_reject_fraction", None)
+        if found == settings.content_dict():
+            return existing
+        raise LeaderError(f"{out} already holds a complete shard set built with other settings; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = create_dataset(settings.dataset, **settings.options)
+    return ShardBuilder(settings, out, adapter).run(workers, on_progress)

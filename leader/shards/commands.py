@@ -1,0 +1,184 @@
+"""`leader shards ...`: build a shard set from a dataset, and describe one."""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from leader.errors import LeaderError
+
+app = typer.Typer(help="Build and inspect WebDataset shard sets.", no_args_is_help=True)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """`key=value` pairs for a dataset adapter; values are parsed as JSON when they can be."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LeaderError(f"--option {pair!r} is not key=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@app.command()
+def build(
+    dataset: str = typer.Argument(..., help="Dataset adapter: phantom, csv, nih14, chexpert, ... (see `leader shards datasets`)."),
+    out: Path = typer.Option(..., "--out", help="Output directory for shards, keys.txt, rejects.jsonl and manifest.json."),
+    root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, exactly as distributed."),
+    size: int = typer.Option(512, "--size", help="Long side of the stored images, in pixels."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
+    workers: int = typer.Option(1, "--workers", help="Decode/resize processes. Output is identical for any value."),
+    seed: int = typer.Option(0, "--seed", help="Seed for patient-wise splits, healthy patches and the phantom."),
+    n: Optional[int] = typer.Option(None, "--n", help="Use only the first N images (phantom: how many to generate)."),
+    max_reject_fraction: float = typer.Option(0.01, "--max-reject-fraction", help="Fail the build when more inputs than this are rejected."),
+    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. --option bits=16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing shard set in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Write a dataset as WebDataset shards with labels, boxes and patch boxes. Resumes when rerun."""
+    from leader.progress import progress, rate_text
+    from leader.shards.builder import BuildSettings, build_shards
+
+    settings = BuildSettings(
+        dataset=dataset,
+        root=str(root.resolve()) if root else None,
+        size=size,
+        shard_size=shard_size,
+        seed=seed,
+        n=n,
+        max_reject_fraction=max_reject_fraction,
+        options=parse_options(option),
+    )
+    if root is not None and not root.exists():
+        raise LeaderError(f"--root {root} does not exist")
+    start = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"shards {dataset}", total=n, rate="")
+
+        def on_progress(done: int, shards: int) -> None:
+            bar.update(task, completed=done, rate=f"{rate_text(done, time.perf_counter() - start, 'img')}  {shards} shards")
+
+        manifest = build_shards(settings, out, workers=workers, overwrite=overwrite, on_progress=on_progress)
+    summary = summarize(manifest)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def info(
+    shards_dir: Path = typer.Argument(..., help="A shard set (the folder holding manifest.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Samples, items, patches, shards, label counts, splits and rejects of a shard set."""
+    from leader.shards.manifest import Manifest
+
+    summary = summarize(Manifest.load(shards_dir))
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        print_summary(summary)
+
+
+@app.command()
+def datasets(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List the dataset adapters and what each provides."""
+    from leader.shards.datasets import DATASETS, load_all
+
+    load_all()
+    rows = []
+    for name in DATASETS.names():
+        factory = DATASETS.get(name)
+        rows.append({
+            "name": name,
+            "boxes": bool(getattr(factory, "has_boxes", False)),
+            "landmarks": bool(getattr(factory, "has_landmarks", False)),
+            "overlap": getattr(factory, "overlap_note", None),
+            "about": (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else "",
+        })
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    from rich.table import Table
+
+    from leader.progress import console
+
+    table = Table("dataset", "boxes", "landmarks", "about")
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["boxes"] else "", "yes" if r["landmarks"] else "", r["about"])
+    console.print(table)
+
+
+@app.command()
+def grid(
+    out: Path = typer.Option(Path("docs/phantom-grid.png"), "--out", help="PNG to write."),
+    n: int = typer.Option(12, "--n", help="How many phantom images."),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Render a grid of phantom radiographs with their boxes and landmarks."""
+    from leader.shards.phantom import render_sample_grid
+
+    render_sample_grid(out, n=n, seed=seed)
+    typer.echo(str(out))
+
+
+def summarize(manifest) -> dict:
+    from leader.shards.manifest import REJECTS_NAME
+
+    reasons: Counter = Counter()
+    rejects_file = manifest.root / REJECTS_NAME
+    if rejects_file.exists():
+        for line in rejects_file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                # The reason's first clause names the kind of problem; details follow a colon.
+                reasons[json.loads(line)["reason"].split(":")[0][:80]] += 1
+    patch_counts = manifest.extra.get("patch_counts", {})
+    return {
+        "path": str(manifest.root),
+        "dataset": manifest.dataset,
+        "samples": manifest.n_samples,
+        "items": manifest.n_items,
+        "patches": sum(patch_counts.values()),
+        "patch_kinds": patch_counts,
+        "shards": len(manifest.shards),
+        "splits": manifest.splits,
+        "labels": manifest.label_counts,
+        "landmarks": manifest.landmark_names,
+        "rejects": manifest.n_rejects,
+        "reject_reasons": dict(reasons.most_common()),
+        "size": manifest.build.get("size"),
+        "overlap_note": manifest.overlap_note,
+    }
+
+
+def print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    from leader.progress import console
+
+    console.print(
+        f"[bold]{summary['dataset']}[/] at {summary['path']}: {summary['samples']} samples, "
+        f"{summary['items']} items ({summary['patches']} patches: "
+        + ", ".join(f"{v} {k}" for k, v in summary["patch_kinds"].items())
+        + f"), {summary['shards']} shards, {summary['rejects']} rejects"
+    )
+    console.print("splits: " + ", ".join(f"{k} {v}" for k, v in summary["splits"].items()))
+    if summary["labels"]:
+        table = Table("label", "pos", "neg", "unknown")
+        for name, c in summary["labels"].items():
+            table.add_row(name, str(c["pos"]), str(c["neg"]), str(c["unknown"]))
+        console.print(table)
+    for reason, count in summary["reject_reasons"].items():
+        console.print(f"  rejected {count}: {reason}")
+    if summary.get("overlap_note"):
+        console.print(f"[yellow]overlap:[/] {summary['overlap_note']}")
