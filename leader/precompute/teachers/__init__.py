@@ -1,0 +1,45 @@
+"""Teachers by name, in the style of timm's model registry.
+
+    teacher = create_teacher("adam", model="adam_v2.pth", device="cuda", arch="convnext_base")
+
+The teacher modules are imported on first use (`load_all`), so importing this package costs nothing:
+the trainer may import it for names without pulling in timm, and TensorFlow is only ever imported
+inside `cxr_foundation`'s functions.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any
+
+from leader.errors import LeaderError
+from leader.precompute.teachers.base import Teacher
+from leader.registry import Registry
+
+TEACHERS: Registry[Teacher] = Registry("teacher")
+register_teacher = TEACHERS.register
+
+_MODULES = ("cxr_foundation", "cxr_foundation_import", "adam", "timm_teacher")
+
+
+def load_all() -> list[str]:
+    """Import every teacher module so that each registers itself; returns the registered names."""
+    for module in _MODULES:
+        importlib.import_module(f"{__name__}.{module}")
+    return TEACHERS.names()
+
+
+def create_teacher(kind: str, model: str | Path | None = None, device: str = "cpu",
+                   allow_remote: bool = False, **options: Any) -> Teacher:
+    load_all()
+    factory = TEACHERS.get(kind)
+    accepted = inspect.signature(factory).parameters
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        known = sorted(p for p in accepted if p not in ("self", "model", "device", "allow_remote"))
+        raise LeaderError(f"teacher {kind!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}")
+    return factory(model, device=device, allow_remote=allow_remote, **options)
+
+
+__all__ = ["TEACHERS", "Teacher", "create_teacher", "load_all", "register_teacher"]
