@@ -1,0 +1,196 @@
+"""Building shard sets: determinism, patch geometry, the sample format, rejects and resume."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from leader.cli import app
+from leader.shards.manifest import Manifest
+from leader.shards.reader import iter_samples
+from tests.conftest import build_phantom
+
+runner = CliRunner()
+
+
+def shard_hashes(out: Path) -> list[str]:
+    return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))]
+
+
+def test_output_is_byte_identical_for_any_worker_count(tmp_path):
+    one = build_phantom(tmp_path / "w1", n=20, shard_size=6)
+    from leader.shards.builder import BuildSettings, build_shards
+
+    two = build_shards(BuildSettings(dataset="phantom", size=64, shard_size=6, seed=0, n=20), tmp_path / "w2", workers=2)
+    assert shard_hashes(tmp_path / "w1") == shard_hashes(tmp_path / "w2")
+    assert (tmp_path / "w1" / "keys.txt").read_text() == (tmp_path / "w2" / "keys.txt").read_text()
+    assert one.fingerprint() == two.fingerprint()
+
+
+def test_samples_carry_labels_boxes_landmarks_and_contiguous_rows(phantom_shards):
+    manifest = Manifest.load(phantom_shards)
+    samples = list(iter_samples(phantom_shards))
+    assert len(samples) == manifest.n_samples == 24
+    assert len(manifest.landmark_names) >= 10
+    next_row = 0
+    for s in samples:
+        meta = s.meta
+        h, w = meta["size"]
+        assert max(h, w) == 64 and s.image().shape == (h, w)
+        assert set(meta["labels"]) == set(manifest.label_names)
+        assert meta["rows"] == [next_row, next_row + 1 + len(meta["patches"])]
+        next_row = meta["rows"][1]
+        for box in meta["boxes"]:
+            assert 0 <= box["x0"] < box["x1"] <= w and 0 <= box["y0"] < box["y1"] <= h
+            assert meta["labels"][box["label"]] == 1
+        kinds = [p["kind"] for p in meta["patches"]]
+        assert kinds.count("diseased") == len(meta["boxes"])
+        if meta["split"] in ("val", "test"):
+            assert kinds.count("landmark") == len(meta["landmarks"]) >= 10
+        else:
+            assert "landmark" not in kinds
+        if not any(v == 1 for v in meta["labels"].values()):
+            assert not meta["boxes"] and kinds.count("healthy") == 1
+    assert next_row == manifest.n_items > manifest.n_samples
+
+
+def test_patch_boxes_are_squares_inside_the_image(phantom_shards):
+    for s in iter_samples(phantom_shards):
+        h, w = s.meta["size"]
+        for p in s.meta["patches"]:
+            x0, y0, x1, y1 = p["box"]
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h, p
+            assert abs((x1 - x0) - (y1 - y0)) <= 2e-3, p  # coordinates are rounded to 1/1000 px
+
+
+def test_diseased_patch_contains_its_lesion(phantom_shards):
+    for s in iter_samples(phantom_shards):
+        diseased = [p for p in s.meta["patches"] if p["kind"] == "diseased"]
+        for box, patch in zip(s.meta["boxes"], diseased):
+            x0, y0, x1, y1 = patch["box"]
+            cx, cy = (box["x0"] + box["x1"]) / 2, (box["y0"] + box["y1"]) / 2
+            assert x0 <= cx <= x1 and y0 <= cy <= y1
+
+
+def test_splits_never_share_a_patient(phantom_shards):
+    split_of = {}
+    for s in iter_samples(phantom_shards):
+        assert split_of.setdefault(s.meta["patient_id"], s.meta["split"]) == s.meta["split"]
+
+
+def test_info_reports_counts_as_json(phantom_shards):
+    result = runner.invoke(app, ["shards", "info", str(phantom_shards), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["samples"] == 24 and info["items"] > 24 and info["shards"] == 3
+    assert info["patches"] == info["items"] - info["samples"]
+    assert sum(info["splits"].values()) == 24 and info["rejects"] == 0
+
+
+def write_png(path: Path, seed: int, size=(48, 40)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = (np.random.default_rng(seed).random(size) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def csv_with_every_kind_of_bad_input(root: Path) -> dict[str, str]:
+    """A users' CSV dataset with good rows and one row of each kind of bad input."""
+    for i in range(6):
+        write_png(root / "img" / f"good{i}.png", i)
+    (root / "img" / "truncated.png").write_bytes((root / "img" / "good0.png").read_bytes()[:60])
+    (root / "img" / "empty.png").write_bytes(b"")
+    (root / "img" / "text.png").write_text("not an image")
+    write_png(root.parent / "outside.png", 9)
+    rows = [
+        ("img/good0.png", "nodule", '[{"label": "nodule", "x0": 5, "y0": 5, "x1": 20, "y1": 20}]'),
+        ("img/good1.png", "", ""),
+        ("img/good2.png", "effusion", ""),
+        ("img/good3.png", "", ""),
+        ("img/good4.png", "", ""),
+        ("img/good5.png", "nodule", '[{"label": "nodule", "x0": 5, "y0": 5, "x1": 400, "y1": 20}]'),
+        ("img/truncated.png", "", ""),
+        ("img/empty.png", "", ""),
+        ("img/text.png", "", ""),
+        ("../outside.png", "", ""),
+        ("img/good1.png", "", ""),
+    ]
+    import csv
+
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels", "boxes"])
+        writer.writerows(rows)
+    return {
+        "img/good5.png": "outside",
+        "img/truncated.png": "unreadable",
+        "img/empty.png": "unreadable",
+        "img/text.png": "unreadable",
+        "../outside.png": "escapes",
+        "img/good1.png": "duplicate",
+    }
+
+
+def test_bad_inputs_are_rejected_with_reasons_and_counted(tmp_path):
+    root = tmp_path / "data"
+    expected = csv_with_every_kind_of_bad_input(root)
+    out = tmp_path / "shards"
+    args = ["shards", "build", "csv", "--root", str(root), "--out", str(out), "--size", "32", "--json"]
+    # Six of eleven rows are bad: far above the 1% default, so the build fails without a manifest.
+    failed = runner.invoke(app, args)
+    assert failed.exit_code != 0 and not (out / "manifest.json").exists()
+    assert "rejected" in str(failed.exception)
+    result = runner.invoke(app, args + ["--max-reject-fraction", "0.6"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert summary["samples"] == 5 and summary["rejects"] == len(rejects) == len(expected)
+    for path, word in expected.items():
+        reasons = [r["reason"] for r in rejects if r["path"] == path]
+        assert reasons and word in reasons[0].lower(), (path, reasons)
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "leader.cli", "shards", "info", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_killed_build_resumes_to_the_same_shards(tmp_path):
+    args = ["shards", "build", "phantom", "--n", "48", "--size", "48", "--shard-size", "4", "--seed", "3"]
+    reference = tmp_path / "reference"
+    assert runner.invoke(app, args + ["--out", str(reference)]).exit_code == 0
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "leader.cli", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list((out / ".build").glob("shard-*.json"))) < 3:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the kill came too late to test a resume"
+    assert runner.invoke(app, args + ["--out", str(out)]).exit_code == 0
+    assert shard_hashes(out) == shard_hashes(reference)
+    assert Manifest.load(out).to_dict() | {"build": None} == Manifest.load(reference).to_dict() | {"build": None}
+    assert not (out / ".build").exists()
+
+
+def test_rebuilding_with_other_settings_is_refused(tmp_path, phantom_shards):
+    out = tmp_path / "s"
+    build_phantom(out, n=8, shard_size=4)
+    result = runner.invoke(app, ["shards", "build", "phantom", "--out", str(out), "--n", "8", "--size", "32"])
+    assert result.exit_code != 0 and "other settings" in str(result.exception)
