@@ -103,6 +103,20 @@ def resize_long_side(img: np.ndarray, size: int) -> np.ndarray:
     return np.clip(np.rint(out), 0, 65535).astype(np.uint16)
 
 
+def stretch_16bit(img: np.ndarray) -> np.ndarray:
+    """Spread a 16-bit image that stores 10-12 bits (PadChest, the 16-bit phantom) over 0..65535.
+
+    Readers divide by 65535, so an unstretched 12-bit image would look nearly black to every
+    teacher; CXR Foundation's own client stretches the same way.
+    """
+    if img.dtype != np.uint16:
+        return img
+    lo, hi = int(img.min()), int(img.max())
+    if lo == 0 and hi == 65535:
+        return img
+    return np.rint((img.astype(np.float64) - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
+
+
 def encode_png(img: np.ndarray, compression: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=compression)
@@ -152,6 +166,7 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
     if problem := check_pixels(img):
         return Rejected(index, where, problem, rec.key)
     height, width = img.shape
+    img = stretch_16bit(img)
     scale = settings.size / max(height, width)
     boxes, problem = stored_boxes(rec.boxes, width, height, scale)
     if problem:
