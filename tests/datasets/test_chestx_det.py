@@ -1,0 +1,106 @@
+"""ChestX-Det: two JSON annotation lists, official train/test, 13 classes with boxes."""
+from __future__ import annotations
+
+import pytest
+
+from leader.errors import LeaderError
+from leader.shards.datasets import create_dataset
+
+from .fixtures_files import build_with_cli, check_record, collect, radiograph, reject_reasons, write_json, write_png
+
+
+def entry(name, syms=(), boxes=()):
+    return {"file_name": name, "syms": list(syms), "boxes": [list(b) for b in boxes], "polygons": [[[0, 0], [1, 1]]] * len(syms)}
+
+
+@pytest.fixture()
+def chestx_det_root(tmp_path):
+    root = tmp_path / "ChestX-Det"
+    train = [
+        entry("100.png", ["Nodule", "Effusion"], [[10, 12, 30, 28], [40, 50, 90, 80]]),
+        entry("101.png"),
+        entry("102.png", ["Diffuse Nodule"], [[5, 5, 60, 60]]),
+        entry("103.png", ["Mass", "Mass"], [[1, 1, 9, 9]]),           # syms and boxes disagree
+        entry("104.png", ["Lung Worm"], [[1, 1, 9, 9]]),              # unknown class
+        entry("105.png", ["Mass"], [["a", 1, 9, 9]]),                 # unparseable number
+        entry("100.png"),                                             # repeated file name
+    ]
+    test = [entry("200.png", ["Mass", "Cardiomegaly"], [[20, 20, 50, 50], [30, 40, 70, 80]]), entry("201.png")]
+    write_json(root / "ChestX_Det_train.json", train)
+    write_json(root / "ChestX_Det_test.json", test)
+    # The train zip unpacked into a nested folder, the test zip flat: both layouts are accepted.
+    for i, name in enumerate(["100", "101", "102", "103", "104", "105"]):
+        write_png(root / "train_data" / "train" / f"{name}.png", radiograph(96, seed=i))
+    for i, name in enumerate(["200", "201"]):
+        write_png(root / "test" / f"{name}.png", radiograph(96, seed=10 + i))
+    return root
+
+
+def test_records_labels_boxes_and_official_split(chestx_det_root):
+    adapter = create_dataset("chestx-det")
+    records, rejects = collect("chestx-det", chestx_det_root, adapter=adapter)
+    assert sorted(records) == ["100", "101", "102", "200", "201"]
+    for r in records.values():
+        check_record(r, adapter)
+        assert r.extra["also_in"] == ["nih14"]
+        assert r.patient_id == r.image_id
+
+    first = records["100"]
+    assert first.path == "train_data/train/100.png"
+    assert first.labels["nodule"] == 1 and first.labels["effusion"] == 1
+    assert first.labels["mass"] == 0 and first.labels["no_finding"] == 0
+    assert [(b.label, b.as_list()) for b in first.boxes] == [("nodule", [10, 12, 30, 28]), ("effusion", [40, 50, 90, 80])]
+    assert first.split in ("train", "val")
+    assert first.load().shape == (96, 96)
+
+    assert records["101"].labels["no_finding"] == 1 and sum(records["101"].labels.values()) == 1
+    assert records["102"].labels["nodule"] == 1 and records["102"].source_labels == {"syms": ["Diffuse Nodule"]}
+    assert records["200"].split == "test" and records["200"].path == "test/200.png"
+    assert set(records["200"].labels) == set(adapter.label_names) and len(adapter.label_names) == 13
+
+    reasons = reject_reasons(rejects)
+    assert reasons["train_data/train/103.png"].endswith("2 syms but 1 boxes")
+    assert "unknown class 'Lung Worm'" in reasons["train_data/train/104.png"]
+    assert "unparseable numbers" in reasons["train_data/train/105.png"]
+    assert any("duplicate entry for '100.png'" in r for r in reasons.values())
+    assert len(rejects) == 4
+
+
+def test_val_is_carved_from_train_by_patient(chestx_det_root, tmp_path):
+    names = [f"{i}.png" for i in range(300)]
+    write_json(chestx_det_root / "ChestX_Det_train.json", [entry(n) for n in names])
+    records, _ = collect("chestx-det", chestx_det_root)
+    splits = [r.split for r in records.values() if r.extra["official_split"] == "train"]
+    assert set(splits) == {"train", "val"}
+    assert 0.08 < splits.count("val") / len(splits) < 0.22
+
+    # --option val_fraction=0.5 carves more; a fraction outside (0, 1) is refused up front.
+    records, _ = collect("chestx-det", chestx_det_root, adapter=create_dataset("chestx-det", val_fraction=0.5))
+    halves = [r.split for r in records.values() if r.extra["official_split"] == "train"]
+    assert 0.4 < halves.count("val") / len(halves) < 0.6
+    with pytest.raises(LeaderError, match="val_fraction must be between 0 and 1"):
+        create_dataset("chestx-det", val_fraction=1.5)
+
+
+def test_missing_annotation_or_image_folder_is_one_clear_error(chestx_det_root):
+    (chestx_det_root / "ChestX_Det_test.json").unlink()
+    with pytest.raises(LeaderError, match="expected ChestX_Det_test.json"):
+        collect("chestx-det", chestx_det_root)
+    write_json(chestx_det_root / "ChestX_Det_test.json", [])
+    for p in (chestx_det_root / "test").iterdir():
+        p.unlink()
+    (chestx_det_root / "test").rmdir()
+    with pytest.raises(LeaderError, match="test images in one of test_data/test/, test/, test_data/"):
+        collect("chestx-det", chestx_det_root)
+
+
+def test_cli_build(chestx_det_root, tmp_path):
+    samples, manifest, rejects = build_with_cli("chestx-det", chestx_det_root, tmp_path / "out", "--max-reject-fraction", "1")
+    assert manifest.n_samples == 5 and manifest.has_boxes
+    assert manifest.overlap_note.startswith("ChestX-Det images are a subset of NIH")
+    stored = samples["200"].meta
+    assert stored["split"] == "test"
+    assert stored["boxes"][0] == {"label": "mass", "x0": 13.333, "y0": 13.333, "x1": 33.333, "y1": 33.333}
+    assert [p["kind"] for p in stored["patches"]] == ["diseased", "diseased"]
+    assert [p["kind"] for p in samples["101"].meta["patches"]] == ["healthy"]
+    assert len(rejects) == 4
