@@ -5,30 +5,56 @@ renamed into place, so a kill leaves either the old complete file or the new com
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
+
+from leader.errors import LeaderError
+
+# Errors that mean "the disk is full for us": the user frees space (or quota) and reruns.
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file whose content appears at `path` only once it is complete.
+
+        with atomic_writer(run / "checkpoint.pt") as f:
+            torch.save(state, f)
+
+    The data goes to a temporary file beside `path`, is synced, then renamed over it. On any
+    failure the temporary file is removed and `path` keeps its previous version; a full disk (or
+    quota) becomes a LeaderError that names the file and says so.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            kept = "the previous version of it is intact" if existed else "no partial file was left"
+            raise LeaderError(f"{DISK_FULL[e.errno]} while writing {path}; {kept}. Free some space and rerun") from e
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -6,15 +6,19 @@
 
 Everything that decides content happens in record order, so the shards are byte-identical for
 any `--workers`. A killed build resumes from its last complete shard: the per-shard state holds
-all it needs (rows, keys, rejects, the healthy-patch size histogram).
+all it needs (rows, keys, rejects, the healthy-patch size histogram). SIGTERM (a scheduler's
+pre-emption) lets the shard in progress finish, then stops with `BuildStopped`.
 """
 from __future__ import annotations
 
 import io
 import json
 import math
+import contextlib
 import multiprocessing as mp
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +44,16 @@ STATE_DIR = ".build"
 # A box may overhang the image by this fraction of the side (annotation tools round outwards);
 # more than that means the box belongs to another image size, and the record is rejected.
 BOX_OVERHANG = 0.02
+# Temporary files of leader.io's atomic writes (`.<name>.<random>.tmp`) that a killed build leaves.
+PARTIAL_WRITES = (".shard-*.tar.*.tmp", f".{MANIFEST_NAME}.*.tmp", f".{KEYS_NAME}.*.tmp", f".{REJECTS_NAME}.*.tmp")
+
+
+class BuildStopped(Exception):
+    """SIGTERM stopped the build after a complete shard; rerunning the same command resumes it."""
+
+    def __init__(self, index: int, name: str):
+        self.index, self.name = index, name
+        super().__init__(f"stopped after shard {index} ({name}) on SIGTERM; rerun the same command to resume")
 
 
 @dataclass(frozen=True)
@@ -246,6 +260,12 @@ class ShardBuilder:
                 )
         else:
             atomic_write_json(settings_file, wanted)
+        # A kill during an atomic write leaves its temporary file; a shard's can be a gigabyte.
+        for pattern in PARTIAL_WRITES:
+            for partial in self.out.glob(pattern):
+                partial.unlink(missing_ok=True)
+        for partial in self.state_dir.glob(".*.tmp"):
+            partial.unlink(missing_ok=True)
         for state_file in sorted(self.state_dir.glob("shard-*.json")):
             state = json.loads(state_file.read_text())
             tar = self.out / state["name"]
@@ -335,27 +355,32 @@ class ShardBuilder:
         pending_rejects: list[Rejected] = []
         done = self.consumed
         chunk = max(16, 8 * workers)
-        pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        # Workers ignore SIGTERM: a scheduler signals the whole process group, and the main process
+        # still needs them to finish the shard in progress.
+        pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigterm) if workers > 1 else None
         try:
-            while True:
-                batch = list(_take(jobs, chunk))
-                if not batch:
-                    break
-                results = pool.map(prepare, batch, chunksize=max(1, len(batch) // (4 * workers))) if pool else map(prepare, batch)
-                for r in results:
-                    done += 1
-                    if isinstance(r, Prepared) and r.key in self.seen_keys:
-                        r = Rejected(r.index, r.meta["path"] or r.key, f"duplicate key {r.key!r}", r.key)
-                    if isinstance(r, Rejected):
-                        pending_rejects.append(r)
-                        continue
-                    self.seen_keys.add(r.key)
-                    pending.append(r)
-                    if len(pending) == self.s.shard_size:
-                        self.write_shard(pending, pending_rejects, consumed=r.index + 1)
-                        pending, pending_rejects = [], []
-                if on_progress:
-                    on_progress(done, len(self.completed))
+            with _stop_on_sigterm() as stop:
+                while True:
+                    batch = list(_take(jobs, chunk))
+                    if not batch:
+                        break
+                    results = pool.map(prepare, batch, chunksize=max(1, len(batch) // (4 * workers))) if pool else map(prepare, batch)
+                    for r in results:
+                        done += 1
+                        if isinstance(r, Prepared) and r.key in self.seen_keys:
+                            r = Rejected(r.index, r.meta["path"] or r.key, f"duplicate key {r.key!r}", r.key)
+                        if isinstance(r, Rejected):
+                            pending_rejects.append(r)
+                            continue
+                        self.seen_keys.add(r.key)
+                        pending.append(r)
+                        if len(pending) == self.s.shard_size:
+                            self.write_shard(pending, pending_rejects, consumed=r.index + 1)
+                            pending, pending_rejects = [], []
+                            if stop.is_set():
+                                raise BuildStopped(len(self.completed) - 1, self.completed[-1]["name"])
+                    if on_progress:
+                        on_progress(done, len(self.completed))
         finally:
             if pool:
                 pool.close()
@@ -420,6 +445,24 @@ class ShardBuilder:
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_dict())
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return manifest
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event that SIGTERM sets, for the time of the build (main thread only: elsewhere, none)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _take(it: Iterator, n: int):

@@ -45,7 +45,7 @@ def build(
 ):
     """Write a dataset as WebDataset shards with labels, boxes and patch boxes. Resumes when rerun."""
     from leader.progress import progress, rate_text
-    from leader.shards.builder import BuildSettings, build_shards
+    from leader.shards.builder import BuildSettings, BuildStopped, build_shards
 
     settings = BuildSettings(
         dataset=dataset,
@@ -66,7 +66,12 @@ def build(
         def on_progress(done: int, shards: int) -> None:
             bar.update(task, completed=done, rate=f"{rate_text(done, time.perf_counter() - start, 'img')}  {shards} shards")
 
-        manifest = build_shards(settings, out, workers=workers, overwrite=overwrite, on_progress=on_progress)
+        try:
+            manifest = build_shards(settings, out, workers=workers, overwrite=overwrite, on_progress=on_progress)
+        except BuildStopped as stopped:
+            # A pre-empted job that saved its state has succeeded at what was asked of it: exit 0.
+            typer.echo(str(stopped), err=True)
+            return
     summary = summarize(manifest)
     summary["seconds"] = round(time.perf_counter() - start, 2)
     if as_json:
@@ -96,15 +101,18 @@ def datasets(as_json: bool = typer.Option(False, "--json", help="Machine-readabl
     from leader.shards.datasets import DATASETS, load_all
 
     load_all()
+    import sys
+
     rows = []
     for name in DATASETS.names():
         factory = DATASETS.get(name)
+        doc = factory.__doc__ or sys.modules[factory.__module__].__doc__ or ""
         rows.append({
             "name": name,
             "boxes": bool(getattr(factory, "has_boxes", False)),
             "landmarks": bool(getattr(factory, "has_landmarks", False)),
             "overlap": getattr(factory, "overlap_note", None),
-            "about": (factory.__doc__ or "").strip().splitlines()[0] if factory.__doc__ else "",
+            "about": doc.strip().splitlines()[0] if doc.strip() else "",
         })
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
