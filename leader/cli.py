@@ -10,6 +10,7 @@ import click
 import typer
 
 from leader.errors import LeaderError
+from leader.precompute.commands import cache_app, precompute_app
 from leader.shards.commands import app as shards_app
 
 app = typer.Typer(
@@ -20,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(shards_app, name="shards")
+app.add_typer(precompute_app, name="precompute")
+app.add_typer(cache_app, name="cache")
 
 
 @app.callback()

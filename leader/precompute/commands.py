@@ -1,0 +1,230 @@
+"""`leader precompute ...` and `leader cache ...`: fill the teacher cache, audit a teacher, inspect a cache.
+
+    leader precompute --teacher anatomy --shards shards/phantom --model adam.pth --views 4
+    leader precompute audit --teacher anatomy --shards shards/phantom --model adam.pth
+    leader cache info shards/phantom/cache.zarr
+    leader cache verify shards/phantom/cache.zarr --shards shards/phantom
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from leader.errors import LeaderError
+
+precompute_app = typer.Typer(
+    help="Run a teacher once over every item of a shard set into the Zarr teacher cache (resumable; "
+         "RANK/WORLD_SIZE split the shards between processes).")
+cache_app = typer.Typer(help="Inspect and verify a teacher-embedding cache.", no_args_is_help=True)
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """`key=value` teacher options; values are read as YAML scalars (ints, floats, booleans)."""
+    import yaml
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise LeaderError(f"--option {pair!r} is not key=value")
+        try:
+            options[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            options[key] = value
+    return options
+
+
+def _default_cache(shards: Path, cache: Optional[str]) -> str:
+    return cache if cache else str(shards / "cache.zarr")
+
+
+@precompute_app.callback(invoke_without_command=True)
+def precompute_command(
+    ctx: typer.Context,
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher role/name: disease, anatomy or any name (with --kind)."),
+    shards: Optional[Path] = typer.Option(None, "--shards", help="The shard set (folder with manifest.json)."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="The cache store (default: SHARDS/cache.zarr); a path or URL."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Teacher kind (default: disease -> cxr-foundation, anatomy -> adam)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Weights: a checkpoint file, SavedModel or embeddings folder."),
+    views: int = typer.Option(4, "--views", help="Views per item (view 0 is the identity)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Views per teacher call."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:N (cuda takes LOCAL_RANK under torchrun)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored embedding type: float16 or float32."),
+    option: list[str] = typer.Option([], "--option", help="Teacher option key=value (repeatable), e.g. --option arch=resnet50."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with teachers: {NAME: {kind, model, options}}."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a model given as a URL or hub handle."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the view parameters."),
+    patch_size: int = typer.Option(224, "--patch-size", help="Side at which patches are cut before their views are rendered."),
+    overwrite_teacher: bool = typer.Option(False, "--overwrite-teacher", help="Replace this teacher's embeddings if they came from other weights or settings."),
+):
+    """Compute one teacher's embeddings for every item and view into the cache. Rerun to resume."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if teacher is None or shards is None:
+        raise click.UsageError("leader precompute needs --teacher NAME and --shards DIR", ctx=ctx)
+    from leader.precompute.run import missing_summary, precompute
+    from leader.progress import progress, rate_text
+
+    cache_path = _default_cache(shards, cache)
+    start = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"precompute {teacher}", total=None, rate="")
+
+        def on_progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, rate=rate_text(done, time.perf_counter() - start, "items"))
+
+        result = precompute(shards, cache_path, teacher_name=teacher, kind=kind, model=model, views=views,
+                            batch_size=batch_size, device=device, options=parse_options(option), dtype=dtype,
+                            allow_remote=allow_remote, on_progress=on_progress, seed=seed, patch_size=patch_size,
+                            config=config, overwrite_teacher=overwrite_teacher)
+    where = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
+    typer.echo(f"{teacher}{where}: {len(result.shards_computed)} shards, {result.items} items, {result.views} views "
+               f"in {result.seconds:.1f} s ({result.items_per_second:,.1f} items/s); "
+               f"{len(result.shards_skipped)} shards were already done")
+    if result.missing is not None and result.missing["items"]:
+        typer.echo(missing_summary(teacher, result.missing, result.items))
+    if result.interrupted:
+        typer.echo(f"stopped on SIGTERM after shard {result.shards_computed[-1]}; rerun the same command to resume")
+    elif result.complete:
+        typer.echo(f"teacher {teacher!r} is complete in {cache_path}")
+    else:
+        typer.echo(f"this rank's shards are done; teacher {teacher!r} completes when the other ranks finish")
+
+
+@precompute_app.command("audit")
+def audit_command(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher role/name."),
+    shards: Path = typer.Option(..., "--shards", help="The shard set to draw images from."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Teacher kind (default from the role)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Teacher weights."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Cache whose view spec to use and where to store the result (default SHARDS/cache.zarr, if it exists)."),
+    n_items: int = typer.Option(64, "--n-items", help="Images to audit (the first ones in manifest order)."),
+    views: int = typer.Option(4, "--views", help="Views per family and image, the identity included."),
+    threshold: float = typer.Option(0.9, "--threshold", help="Mean cosine at which a family counts as teacher-consistent."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Views per teacher call."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    option: list[str] = typer.Option([], "--option", help="Teacher option key=value (repeatable)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with teachers: {NAME: {kind, model, options}}."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a model given as a URL or hub handle."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the view parameters (a cache's own seed wins)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+):
+    """Measure how far each augmentation family moves the teacher's embedding (cosine to the identity view)."""
+    from leader.precompute.audit import audit_invariance, format_audit
+    from leader.precompute.cache import TeacherCache, local_store_path
+    from leader.precompute.run import resolve_teacher
+    from leader.precompute.teachers import create_teacher
+    from leader.views import ViewSpec
+
+    cache_path = _default_cache(shards, cache)
+    local = local_store_path(cache_path)
+    store = None
+    if cache is not None or (local is not None and (local / "zarr.json").exists()):
+        store = TeacherCache.open(cache_path, mode="r+")
+    spec, seed = (store.view_spec, store.seed) if store is not None else (ViewSpec(), seed)
+    choice = resolve_teacher(teacher, kind, model, parse_options(option), config)
+    with create_teacher(choice.kind, model=choice.model, device=device, allow_remote=allow_remote, **choice.options) as t:
+        result = audit_invariance(shards, t, name=teacher, n_items=n_items, n_views=views, threshold=threshold,
+                                  seed=seed, view_spec=spec, batch_size=batch_size, device=device)
+    stored_note = "no cache found; the result is not stored"
+    if store is not None:
+        if teacher not in store.teachers:
+            stored_note = f"teacher {teacher!r} is not in cache {cache_path} yet; the result is not stored"
+        elif store.teacher_attrs(teacher).get("fingerprint") != result["fingerprint"]:
+            stored_note = (f"teacher {teacher!r} in cache {cache_path} was computed with other weights; "
+                           "the result is not stored")
+        else:
+            store.update_teacher_attrs(teacher, {"audit": result})
+            stored_note = f"stored in {cache_path} (teachers/{teacher} attrs 'audit')"
+    result = {**result, "stored": stored_note}
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        typer.echo(format_audit(result))
+        typer.echo(stored_note)
+
+
+@cache_app.command("info")
+def info_command(
+    path: str = typer.Argument(..., help="The cache store (DIR.zarr or URL)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """Teachers, dimensions, views, progress, size and compression of a cache."""
+    from leader.precompute.cache import TeacherCache
+
+    summary = TeacherCache.open(path).summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+        return
+    typer.echo(f"{summary['path']}: {summary['n_items']} items in {summary['n_shards']} shards, "
+               f"{summary['n_views']} views per item, seed {summary['seed']}, patch size {summary['patch_size']}")
+    if not summary["teachers"]:
+        typer.echo("no teachers yet")
+    for name, t in summary["teachers"].items():
+        ratio = f"{t['compression_ratio']:.2f}x" if t["compression_ratio"] else "-"
+        typer.echo(f"  {name:<12} {t['kind']:<22} dim {t['dim']:<5} views {t['views']} {t['dtype']:<8} "
+                   f"done {t['done_shards']}/{t['n_shards']} ({100 * t['done_fraction']:.0f}%)  "
+                   f"{_human_bytes(t['bytes_stored'])} stored, compression {ratio}  "
+                   f"weights sha256 {str(t['fingerprint'])[:12]}")
+        if t["missing"] and t["missing"].get("summary"):
+            typer.echo(f"    {t['missing']['summary']}")
+        if t["audit"] is not None:
+            typer.echo(f"    audit: teacher-consistent families: {', '.join(t['audit']) or 'none'}")
+
+
+@cache_app.command("verify")
+def verify_command(
+    path: str = typer.Argument(..., help="The cache store (DIR.zarr or URL)."),
+    shards: Path = typer.Option(..., "--shards", help="The shard set the cache belongs to."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="With --model: the teacher whose weights to check."),
+    model: Optional[str] = typer.Option(None, "--model", help="Recompute this model's weights fingerprint and compare."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Teacher kind for --model (default: the cache's)."),
+    option: list[str] = typer.Option([], "--option", help="Teacher option key=value for --model (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
+):
+    """Check a cache against its shards: keys, done flags, NaN/Inf rows, shapes, fingerprints. Exit 1 on a problem."""
+    from leader.precompute.cache import TeacherCache, find_problems
+    from leader.shards.manifest import Manifest
+
+    cache = TeacherCache.open(path)
+    manifest = Manifest.load(shards)
+    problems = find_problems(cache, manifest)
+    if model is not None:
+        if teacher is None:
+            raise LeaderError("cache verify: --model needs --teacher NAME (whose fingerprint to compare)")
+        problems += _fingerprint_problems(cache, teacher, model, kind, parse_options(option))
+    if as_json:
+        typer.echo(json.dumps({"cache": path, "shards": str(shards), "ok": not problems, "problems": problems}, indent=1))
+    else:
+        for problem in problems:
+            typer.echo(f"problem: {problem}")
+        if not problems:
+            typer.echo(f"{path}: ok ({cache.n_items} items, teachers: {', '.join(cache.teachers) or 'none'})")
+    if problems:
+        raise typer.Exit(1)
+
+
+def _fingerprint_problems(cache, teacher: str, model: str, kind: Optional[str], options: dict) -> list[str]:
+    from leader.precompute.teachers import create_teacher
+
+    attrs = cache.teacher_attrs(teacher)
+    kind = kind or attrs.get("kind")
+    with create_teacher(kind, model=model, **options) as t:
+        fingerprint = t.fingerprint
+    if fingerprint != attrs.get("fingerprint"):
+        return [f"teacher {teacher!r} was computed with weights sha256 {str(attrs.get('fingerprint'))[:12]}...; "
+                f"{model} has {fingerprint[:12]}..."]
+    return []
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
