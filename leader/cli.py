@@ -10,6 +10,7 @@ import click
 import typer
 
 from leader.errors import LeaderError
+from leader.evaluate.commands import eval_app, report_command
 from leader.precompute.commands import cache_app, precompute_app
 from leader.shards.commands import app as shards_app
 
@@ -23,6 +24,8 @@ app = typer.Typer(
 app.add_typer(shards_app, name="shards")
 app.add_typer(precompute_app, name="precompute")
 app.add_typer(cache_app, name="cache")
+app.add_typer(eval_app, name="eval")
+app.command("report")(report_command)
 
 
 @app.callback()

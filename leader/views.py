@@ -234,7 +234,7 @@ def to_unit_float(images: torch.Tensor | np.ndarray, max_value: float | None = N
     fp16 inputs never drive the geometry.
     """
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.ascontiguousarray(images))
+        images = torch.from_numpy(np.require(images, requirements=["C", "W"]))
     if not isinstance(images, torch.Tensor):
         raise LeaderError(f"images must be a torch tensor or numpy array, got {type(images).__name__}")
     dtype = torch.float64 if images.dtype == torch.float64 else torch.float32

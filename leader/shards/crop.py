@@ -95,6 +95,6 @@ def crop_patch(
     if hasattr(box, "as_list"):                      # a records.Box
         box = box.as_list()
     one_box = np.asarray(box, dtype=np.float64).reshape(1, -1)
-    patch = _crop_batch(torch.from_numpy(np.ascontiguousarray(image))[None, None], one_box,
+    patch = _crop_batch(torch.from_numpy(np.require(image, requirements=["C", "W"]))[None, None], one_box,
                         out_size, max_value)
     return patch[0, 0].to(torch.float32).numpy()
