@@ -13,6 +13,7 @@ from leader.errors import LeaderError
 from leader.evaluate.commands import eval_app, report_command
 from leader.precompute.commands import cache_app, precompute_app
 from leader.shards.commands import app as shards_app
+from leader.train.commands import register as register_train
 
 app = typer.Typer(
     name="leader",
@@ -24,6 +25,7 @@ app = typer.Typer(
 app.add_typer(shards_app, name="shards")
 app.add_typer(precompute_app, name="precompute")
 app.add_typer(cache_app, name="cache")
+register_train(app)
 app.add_typer(eval_app, name="eval")
 app.command("report")(report_command)
 
