@@ -16,27 +16,12 @@ import click
 import typer
 
 from leader.errors import LeaderError
+from leader.options import parse_key_values
 
 precompute_app = typer.Typer(
     help="Run a teacher once over every item of a shard set into the Zarr teacher cache (resumable; "
          "RANK/WORLD_SIZE split the shards between processes).")
 cache_app = typer.Typer(help="Inspect and verify a teacher-embedding cache.", no_args_is_help=True)
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """`key=value` teacher options; values are read as YAML scalars (ints, floats, booleans)."""
-    import yaml
-
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise LeaderError(f"--option {pair!r} is not key=value")
-        try:
-            options[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            options[key] = value
-    return options
 
 
 def _default_cache(shards: Path, cache: Optional[str]) -> str:
@@ -79,7 +64,7 @@ def precompute_command(
             bar.update(task, completed=done, total=total, rate=rate_text(done, time.perf_counter() - start, "items"))
 
         result = precompute(shards, cache_path, teacher_name=teacher, kind=kind, model=model, views=views,
-                            batch_size=batch_size, device=device, options=parse_options(option), dtype=dtype,
+                            batch_size=batch_size, device=device, options=parse_key_values(option), dtype=dtype,
                             allow_remote=allow_remote, on_progress=on_progress, seed=seed, patch_size=patch_size,
                             config=config, overwrite_teacher=overwrite_teacher)
     where = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
@@ -127,7 +112,7 @@ def audit_command(
     if cache is not None or (local is not None and (local / "zarr.json").exists()):
         store = TeacherCache.open(cache_path, mode="r+")
     spec, seed = (store.view_spec, store.seed) if store is not None else (ViewSpec(), seed)
-    choice = resolve_teacher(teacher, kind, model, parse_options(option), config)
+    choice = resolve_teacher(teacher, kind, model, parse_key_values(option), config)
     with create_teacher(choice.kind, model=choice.model, device=device, allow_remote=allow_remote, **choice.options) as t:
         result = audit_invariance(shards, t, name=teacher, n_items=n_items, n_views=views, threshold=threshold,
                                   seed=seed, view_spec=spec, batch_size=batch_size, device=device)
@@ -197,7 +182,7 @@ def verify_command(
     if model is not None:
         if teacher is None:
             raise LeaderError("cache verify: --model needs --teacher NAME (whose fingerprint to compare)")
-        problems += _fingerprint_problems(cache, teacher, model, kind, parse_options(option))
+        problems += _fingerprint_problems(cache, teacher, model, kind, parse_key_values(option))
     if as_json:
         typer.echo(json.dumps({"cache": path, "shards": str(shards), "ok": not problems, "problems": problems}, indent=1))
     else:

@@ -10,22 +10,9 @@ from typing import Optional
 import typer
 
 from leader.errors import LeaderError
+from leader.options import parse_key_values
 
 app = typer.Typer(help="Build and inspect WebDataset shard sets.", no_args_is_help=True)
-
-
-def parse_options(pairs: list[str]) -> dict:
-    """`key=value` pairs for a dataset adapter; values are parsed as JSON when they can be."""
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise LeaderError(f"--option {pair!r} is not key=value")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
 
 
 @app.command()
@@ -55,7 +42,7 @@ def build(
         seed=seed,
         n=n,
         max_reject_fraction=max_reject_fraction,
-        options=parse_options(option),
+        options=parse_key_values(option),
     )
     if root is not None and not root.exists():
         raise LeaderError(f"--root {root} does not exist")
