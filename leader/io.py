@@ -82,3 +82,24 @@ def sha256_tree(root: str | os.PathLike) -> str:
         h.update(b"\0")
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """True for fsspec URLs (s3://, gs://, file://, memory://...), which stay strings, never Paths."""
+    return "://" in str(path)
+
+
+def join_path(root: str | os.PathLike, name: str) -> str | Path:
+    """root/name for a local folder (a Path) or an fsspec URL (a string: Path would eat the //)."""
+    if is_url(root):
+        return f"{str(root).rstrip('/')}/{name}"
+    return Path(root) / name
+
+
+def open_input(path: str | os.PathLike, mode: str = "rb"):
+    """Open a local path or an fsspec URL for reading."""
+    if is_url(path):
+        import fsspec
+
+        return fsspec.open(str(path), mode).open()
+    return open(path, mode) if "b" in mode else open(path, mode, encoding="utf-8")

@@ -10,6 +10,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("LEADER_PROGRESS", "0")
 
+import contextlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -26,3 +29,42 @@ def phantom_shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantom") / "shards"
     build_phantom(out)
     return out
+
+
+def tiny_teacher(tmp: Path, arch: str):
+    """A timm teacher with random (seeded) weights saved as a real checkpoint file."""
+    import timm
+    import torch
+
+    from leader.precompute.teachers import create_teacher
+
+    torch.manual_seed(1)
+    path = tmp / f"{arch}.pt"
+    torch.save(timm.create_model(arch, num_classes=0).state_dict(), path)
+    return create_teacher("timm", model=path, arch=arch, input_size=32)
+
+
+@pytest.fixture(scope="session")
+def train_cache(phantom_shards, tmp_path_factory):
+    """disease (test_resnet, 96-d) and anatomy (test_convnext, 64-d), 2 views per item, patches at 32 px."""
+    from leader.precompute.run import precompute
+
+    tmp = tmp_path_factory.mktemp("train-cache")
+    with one_thread():
+        for name, arch in (("disease", "test_resnet"), ("anatomy", "test_convnext")):
+            precompute(phantom_shards, tmp / "cache.zarr", teacher_name=name, teacher=tiny_teacher(tmp, arch),
+                       views=2, batch_size=64, patch_size=32)
+    return tmp / "cache.zarr"
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One intra-op thread: on shared CPUs two spinning OpenMP threads can run ten times slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ full configs/demo.yaml.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -25,45 +24,14 @@ import torch
 
 from leader.errors import LeaderError
 from leader.precompute.cache import TeacherCache
-from leader.precompute.run import precompute
-from leader.precompute.teachers import create_teacher
 from leader.train.config import load_config
 from leader.train.loop import train
 from leader.train.metrics import read_metrics
+from tests.conftest import one_thread
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 SHORT = ["phases.0.steps=6", "phases.1.steps=6", "run.log_every=1", "run.checkpoint_every=3", "data.batch_size=4"]
-
-
-def tiny_teacher(tmp: Path, arch: str):
-    """A timm teacher with random (seeded) weights saved as a real checkpoint file."""
-    torch.manual_seed(1)
-    path = tmp / f"{arch}.pt"
-    torch.save(timm.create_model(arch, num_classes=0).state_dict(), path)
-    return create_teacher("timm", model=path, arch=arch, input_size=32)
-
-
-@pytest.fixture(scope="session")
-def train_cache(phantom_shards, tmp_path_factory):
-    """disease (test_resnet, 96-d) and anatomy (test_convnext, 64-d), 2 views per item, patches at 32 px."""
-    tmp = tmp_path_factory.mktemp("train-cache")
-    with one_thread():
-        for name, arch in (("disease", "test_resnet"), ("anatomy", "test_convnext")):
-            precompute(phantom_shards, tmp / "cache.zarr", teacher_name=name, teacher=tiny_teacher(tmp, arch),
-                       views=2, batch_size=64, patch_size=32)
-    return tmp / "cache.zarr"
-
-
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread: on shared CPUs two spinning OpenMP threads can run ten times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -40,6 +40,7 @@ from zarr.codecs import BloscCodec
 
 import leader
 from leader.errors import LeaderError
+from leader.io import open_input
 from leader.shards.manifest import KEYS_NAME, Manifest
 from leader.views import K, ViewSpec, sample_view_params
 
@@ -86,7 +87,7 @@ def local_store_path(path: str | Path) -> Path | None:
 def keys_fingerprint(manifest: Manifest) -> str:
     """sha256 of keys.txt: every sample key and its item count, in manifest order."""
     h = hashlib.sha256()
-    with open(manifest.root / KEYS_NAME, "rb") as f:
+    with open_input(manifest.path(KEYS_NAME), "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
@@ -104,7 +105,7 @@ def iter_shard_metas(shard_path: Path) -> Iterator[dict]:
     gigabyte shard reads only its headers and its small json members.
     """
     try:
-        with tarfile.open(shard_path, "r:") as tar:
+        with open_input(shard_path, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     yield json.loads(tar.extractfile(member).read())
@@ -542,7 +543,7 @@ def _write_shared_arrays(group: zarr.Group, manifest: Manifest, n_views: int, vi
         if shard.rows[0] != row:
             raise LeaderError(f"manifest of {manifest.root}: shard {shard.name} starts at row {shard.rows[0]}, "
                               f"but the shards before it end at row {row}")
-        for meta in iter_shard_metas(manifest.root / shard.name):
+        for meta in iter_shard_metas(manifest.path(shard.name)):
             key = meta["key"]
             listed_key, listed_n = next(listed, (None, None))
             patches = meta.get("patches") or []

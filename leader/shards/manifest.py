@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from leader.errors import LeaderError
+from leader.io import is_url, join_path, open_input
 
 FORMAT = "leader-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -48,7 +49,7 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    root: Path
+    root: Path | str          # a local folder, or an fsspec URL (s3://bucket/shards/nih14)
     dataset: str
     label_names: list[str]
     landmark_names: list[str]
@@ -68,18 +69,25 @@ class Manifest:
     # ---- reading -------------------------------------------------------------------------
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
-        root = Path(root)
-        path = root / MANIFEST_NAME
-        if not path.exists():
-            if root.is_dir() and any(root.glob("shard-*.tar")):
-                raise LeaderError(f"{root} has shards but no {MANIFEST_NAME}: the build is incomplete; rerun `leader shards build`")
-            raise LeaderError(f"{root} is not a shard set: {MANIFEST_NAME} not found")
+        root = str(root) if is_url(root) else Path(root)
+        path = join_path(root, MANIFEST_NAME)
         try:
-            d = json.loads(path.read_text())
+            with open_input(path, "rb") as f:
+                d = json.loads(f.read())
+        except FileNotFoundError:
+            if isinstance(root, Path) and root.is_dir() and any(root.glob("shard-*.tar")):
+                raise LeaderError(f"{root} has shards but no {MANIFEST_NAME}: the build is incomplete; rerun `leader shards build`") from None
+            raise LeaderError(f"{root} is not a shard set: {MANIFEST_NAME} not found") from None
         except json.JSONDecodeError as e:
             raise LeaderError(f"{path} is not valid JSON: {e}") from None
         if d.get("format") != FORMAT:
             raise LeaderError(f"{path}: format {d.get('format')!r} is not {FORMAT!r}")
+        # A stat per shard: far cheaper than finding the hole mid-way through a week of training.
+        missing = [] if is_url(root) else [s["name"] for s in d["shards"] if not (root / s["name"]).is_file()]
+        if missing:
+            raise LeaderError(f"{root}: {len(missing)} of the {len(d['shards'])} shards its {MANIFEST_NAME} lists "
+                              f"are missing, first {missing[0]}; the shard set is damaged: rebuild it with "
+                              "`leader shards build ... --overwrite`")
         return cls(
             root=root,
             dataset=d["dataset"],
@@ -120,11 +128,12 @@ class Manifest:
             "extra": self.extra,
         }
 
-    def shard_paths(self) -> list[Path]:
-        return [self.root / s.name for s in self.shards]
+    def path(self, name: str) -> Path | str:
+        """A file of this shard set (a shard, keys.txt), as a Path or an fsspec URL."""
+        return join_path(self.root, name)
 
-    def shard_urls(self) -> list[str]:
-        return [str(p) for p in self.shard_paths()]
+    def shard_paths(self) -> list[Path | str]:
+        return [self.path(s.name) for s in self.shards]
 
     def shard_of_row(self, row: int) -> int:
         import bisect
@@ -137,7 +146,7 @@ class Manifest:
 
     def iter_keys(self) -> Iterator[tuple[str, int]]:
         """(sample key, item count) in manifest order, streamed from keys.txt."""
-        with open(self.root / KEYS_NAME, encoding="utf-8") as f:
+        with open_input(self.path(KEYS_NAME), "rt") as f:
             for line in f:
                 key, n = line.rstrip("\n").split("\t")
                 yield key, int(n)

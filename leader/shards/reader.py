@@ -62,10 +62,12 @@ def to_float(img: np.ndarray) -> np.ndarray:
 
 def iter_shard(path: str | Path) -> Iterator[Sample]:
     """Samples of one tar shard, in order. Members are grouped by key (json before png)."""
-    path = Path(path)
+    from leader.io import is_url, open_input
+
+    path = path if is_url(path) else Path(path)
     current: dict = {}
     try:
-        with tarfile.open(path, "r|") as tar:
+        with open_input(path, "rb") as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -93,4 +95,4 @@ def iter_samples(shards_dir: str | Path, shard_names: list[str] | None = None) -
     manifest = Manifest.load(shards_dir)
     names = [s.name for s in manifest.shards] if shard_names is None else shard_names
     for name in names:
-        yield from iter_shard(manifest.root / name)
+        yield from iter_shard(manifest.path(name))

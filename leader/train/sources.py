@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from leader.errors import LeaderError
+from leader.io import join_path
 from leader.precompute.cache import KIND_CODES, SPLIT_CODES, TeacherCache
 from leader.shards.manifest import Manifest
 from leader.train.config import PhaseConfig
@@ -103,7 +104,7 @@ class TrainingSources:
                 a, b = entry.rows
                 n = int(use[a:b].sum())
                 if n:
-                    out.append(ShardSource(i, s.dataset, str(Path(s.root) / entry.name), j, (a, b), entry.n_samples, n))
+                    out.append(ShardSource(i, s.dataset, str(s.manifest.path(entry.name)), j, (a, b), entry.n_samples, n))
         if not out:
             what = "whole images" if phase.stream == "images" else "diseased or healthy patches"
             raise LeaderError(f"phase {phase.name!r} has nothing to train on: no {what} in split(s) {splits} "
@@ -157,7 +158,7 @@ class TrainingSources:
 
 
 def default_cache(root: str) -> str:
-    return str(Path(root) / "cache.zarr")
+    return str(join_path(root, "cache.zarr"))
 
 
 def open_sources(shards: list[str], caches: list[str], teachers: list[str]) -> TrainingSources:
