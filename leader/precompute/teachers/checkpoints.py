@@ -30,7 +30,21 @@ def read_checkpoint(path: Path) -> object:
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, a pickle with code in it, a wrong format
-        raise LeaderError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        raise LeaderError(f"cannot read checkpoint {str(path)!r}: {load_error_reason(exc)}") from exc
+
+
+def load_error_reason(exc: Exception) -> str:
+    """One line on why torch.load failed. torch's own message for a refused object spans several
+    paragraphs and suggests weights_only=False, the one thing never to do with an untrusted file."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        detail = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+        found = f" ({detail.rstrip('.')})" if detail else ""
+        return (f"it holds Python objects besides tensors{found}; checkpoints are loaded with "
+                "torch.load(weights_only=True), so nothing in them can run code. Save the weights as a plain "
+                "state dict or as .safetensors")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def is_state_dict(obj: object) -> bool:

@@ -114,9 +114,10 @@ class CxrFoundationTeacher(Teacher):
 
     def __init__(self, model: str | Path | None, device: str = "cpu", allow_remote: bool = False,
                  threads: int | None = None):
+        # The path first: a URL without --allow-remote is refused before TensorFlow loads (seconds).
+        self.path = self._resolve(model, allow_remote)
         self._tf = _import_tensorflow()
         _configure_tensorflow(self._tf, device, threads)
-        self.path = self._resolve(model, allow_remote)
         try:
             self._loaded = self._tf.saved_model.load(str(self.path))
         except Exception as exc:  # not a SavedModel, or a corrupt one
