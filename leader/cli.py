@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from leader.errors import LeaderError
@@ -44,26 +43,15 @@ def version():
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: typer shows usage errors itself; a LeaderError becomes one line and exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
     try:
-        typer.main.get_command(app).main(args=argv, prog_name="leader", standalone_mode=False)
+        typer.main.get_command(app).main(args=argv, prog_name="leader", standalone_mode=True)
     except LeaderError as e:
-        if debug:
+        if "--debug" in argv:
             raise
-        click.echo(f"error: {e}", err=True)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
 
 
 if __name__ == "__main__":

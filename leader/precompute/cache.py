@@ -335,19 +335,34 @@ class TeacherCache:
         if emb.ndim != 3 or emb.shape[1:] != array.shape[1:]:
             raise LeaderError(f"teacher {name!r}: block shape {emb.shape} does not fit cache rows {array.shape[1:]}")
         row_stop = row_start + len(emb)
-        with store_lock(self.path):
+        with store_lock(self.path), self._disk_full_is_an_error(name, f"rows {row_start}-{row_stop}"):
             array[row_start:row_stop] = emb.astype(array.dtype, copy=False)
             self._array(f"teachers/{name}/valid")[row_start:row_stop] = valid
 
     def mark_done(self, name: str, shard: int) -> None:
-        self._array(f"teachers/{name}/done")[shard] = True
+        with self._disk_full_is_an_error(name, f"the done flag of shard {shard}"):
+            self._array(f"teachers/{name}/done")[shard] = True
 
     def write_stats(self, name: str, mean: np.ndarray, std: np.ndarray, info: Mapping[str, Any]) -> None:
-        group = self._teacher_group(name, fresh=True)
-        stats = np.stack([mean, std]).astype(np.float32)
-        array = group.create_array("stats", shape=stats.shape, dtype="float32", overwrite=True)
-        array[:] = stats
-        group.attrs["stats"] = _plain(dict(info))
+        with self._disk_full_is_an_error(name, "the standardisation statistics"):
+            group = self._teacher_group(name, fresh=True)
+            stats = np.stack([mean, std]).astype(np.float32)
+            array = group.create_array("stats", shape=stats.shape, dtype="float32", overwrite=True)
+            array[:] = stats
+            group.attrs["stats"] = _plain(dict(info))
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self, name: str, what: str) -> Iterator[None]:
+        """A full disk mid-write: one line naming the cache; shards already flagged done stay valid."""
+        from leader.io import DISK_FULL
+
+        try:
+            yield
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise LeaderError(f"{DISK_FULL[e.errno]} while writing {what} of teacher {name!r} in cache {self.path}; "
+                              "shards already marked done are intact and a rerun redoes the rest. Free some space and rerun") from e
 
     def update_teacher_attrs(self, name: str, values: Mapping[str, Any]) -> None:
         with store_lock(self.path):

@@ -11,10 +11,10 @@ pre-emption) lets the shard in progress finish, then stops with `BuildStopped`.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
-import contextlib
 import multiprocessing as mp
 import shutil
 import signal

@@ -8,9 +8,9 @@ only tensors and plain containers, nothing that executes on load.
 """
 from __future__ import annotations
 
+import io
 import os
 import random
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from leader.errors import LeaderError
+from leader.io import atomic_write_bytes
+from leader.precompute.teachers.checkpoints import load_error_reason
 
 FORMAT = "leader-train/1"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -64,17 +66,18 @@ def _tuples(value):
 def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
     """Atomically write RUN/checkpoint.pt (temporary file in the same directory, then rename)."""
     path = Path(run_dir) / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Serialise in memory first: torch.save into a file turns a full disk into an opaque
+    # "unexpected pos" error, while atomic_write_bytes names the file and says the old one is intact.
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    atomic_write_bytes(path, buf.getbuffer())
     return path
+
+
+def remove_interrupted_saves(run_dir: str | Path) -> None:
+    """Temporary files left by a save that was killed (each as large as a checkpoint)."""
+    for tmp in Path(run_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_path(run: str | Path) -> Path:
@@ -91,7 +94,7 @@ def load_checkpoint(run: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: name it rather than show the unpickler
-        raise LeaderError(f"checkpoint {path} cannot be read: {e}") from None
+        raise LeaderError(f"checkpoint {path} cannot be read: {load_error_reason(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise LeaderError(f"{path} is not a leader training checkpoint (format {FORMAT})")
     return payload

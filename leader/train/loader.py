@@ -23,6 +23,8 @@ shards run short cycles over them again rather than stopping early.
 """
 from __future__ import annotations
 
+import tarfile
+
 import hashlib
 import itertools
 import logging
@@ -178,9 +180,18 @@ def tar_to_samples(shards: Iterator[ShardSource]) -> Iterator[tuple[ShardSource,
     for shard in shards:
         stream = open_shard(shard.url)
         try:
-            yield shard, group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}]))
+            yield shard, named_errors(group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])), shard.url)
         finally:
             stream.close()
+
+
+def named_errors(samples: Iterator[dict], url: str) -> Iterator[dict]:
+    """A truncated or damaged tar ends the run with one line naming the shard, not a tarfile traceback."""
+    try:
+        yield from samples
+    except (tarfile.TarError, OSError) as e:
+        reason = e.args[0] if e.args else type(e).__name__
+        raise LeaderError(f"shard {url} is unreadable ({reason}); rebuild the shard set") from None
 
 
 @dataclass

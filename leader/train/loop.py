@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from leader.errors import LeaderError
 from leader.progress import progress, rate_text
-from leader.train.checkpoint import (CHECKPOINT_NAME, TrainState, capture_rng, load_checkpoint, restore_rng,
+from leader.train.checkpoint import (CHECKPOINT_NAME, TrainState, capture_rng, load_checkpoint, remove_interrupted_saves, restore_rng,
                                      save_checkpoint)
 from leader.train.config import OptimConfig, TrainConfig, resume_conflicts, save_config
 from leader.train.loader import StreamSpec, phase_batches
@@ -138,6 +138,7 @@ def prepare_run(cfg: TrainConfig, out: Path, resume: bool, ddp: Distributed) -> 
         raise LeaderError(f"--resume refused: {conflicts[0]}" + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else "")
                           + "; start a new --out for a different run")
     if ddp.main:
+        remove_interrupted_saves(out)
         save_config(cfg, out)
     return checkpoint
 
