@@ -314,15 +314,20 @@ def _sample(images: torch.Tensor, theta: torch.Tensor, side: int, spacing: torch
 
 
 def _sample_antialiased(
-    images: torch.Tensor, theta: torch.Tensor, out_size: int, k: int, spacing: torch.Tensor
+    images: torch.Tensor, theta: torch.Tensor, out_size: int, k: float, spacing: torch.Tensor
 ) -> torch.Tensor:
-    if k == 1:
+    """k: how many source pixels the group's smallest output footprint spans (1 = no shrink)."""
+    if k <= 1:
         return _sample(images, theta, out_size, spacing)
-    dense = _sample(images, theta, out_size * k, spacing)
-    # The triangle filter of antialiased bilinear resizing (as in PIL and torchvision), one output
-    # pixel wide each side.
-    return F.interpolate(dense, size=(out_size, out_size), mode="bilinear", antialias=True,
-                         align_corners=False)
+    # Prefilter, then sample once (a mipmap): shrinking the source k times with the antialiasing
+    # triangle filter (as in PIL and torchvision) costs one pass over the input, where rendering
+    # k times denser and shrinking the render costs k^2 samples per output pixel. Normalised
+    # coordinates make theta valid at any source size; each output pixel now spans about one
+    # source pixel, so one bilinear sample no longer aliases.
+    h, w = images.shape[-2:]
+    small = F.interpolate(images, size=(max(1, round(h / k)), max(1, round(w / k))), mode="bilinear",
+                          antialias=True, align_corners=False)
+    return _sample(small, theta, out_size, spacing)
 
 
 def warp_affine(images: torch.Tensor, theta: np.ndarray, out_size: int) -> torch.Tensor:
@@ -341,16 +346,19 @@ def warp_affine(images: torch.Tensor, theta: np.ndarray, out_size: int) -> torch
     theta = np.asarray(theta, dtype=np.float64)
     footprints = _footprints(theta, (h, w), out_size)
     factors = supersampling_factors(theta, (h, w), out_size)
-    spacing = np.maximum(footprints / factors[:, None], 1e-6)
+    spacing = np.maximum(footprints / np.where(factors > 1, np.floor(footprints.max(axis=1) * 4) / 4, 1.0)[:, None], 1e-6)
     theta_t = torch.from_numpy(theta).to(device=images.device, dtype=images.dtype)
     spacing_t = torch.from_numpy(spacing).to(device=images.device, dtype=images.dtype)
-    groups = np.unique(factors)
+    # Each sample's prefilter is its own footprint rounded down to a quarter pixel: a function of
+    # the sample alone (so it renders the same in any batch), and a handful of groups per batch.
+    shrink = np.where(factors > 1, np.floor(footprints.max(axis=1) * 4) / 4, 1.0)
+    groups = np.unique(shrink)
     if len(groups) == 1:
-        return _sample_antialiased(images, theta_t, out_size, int(groups[0]), spacing_t)
+        return _sample_antialiased(images, theta_t, out_size, float(groups[0]), spacing_t)
     out = images.new_empty((b, 1, out_size, out_size))
     for k in groups:
-        rows = torch.from_numpy(np.flatnonzero(factors == k)).to(images.device)
-        out[rows] = _sample_antialiased(images[rows], theta_t[rows], out_size, int(k), spacing_t[rows])
+        rows = torch.from_numpy(np.flatnonzero(shrink == k)).to(images.device)
+        out[rows] = _sample_antialiased(images[rows], theta_t[rows], out_size, float(k), spacing_t[rows])
     return out
 
 

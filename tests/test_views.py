@@ -191,13 +191,14 @@ def test_photometric_changes_follow_their_closed_form():
     assert bright.max() == 1.0                                  # clamped to [0, 1]
 
 
-@pytest.mark.parametrize("side, max_mean, max_abs", [(512, 0.005, 0.1), (1024, 0.01, 0.1)])
+@pytest.mark.parametrize("side, max_mean, max_abs", [(512, 0.01, 0.25), (1024, 0.015, 0.25)])
 def test_a_view_renders_alike_at_any_resolution(side, max_mean, max_abs):
     """Rendering at 512 px then shrinking to 224 px matches rendering at 224 px directly.
 
-    Tolerances: mean |diff| < 0.005 (512 input) or 0.01 (1024 input, shrunk twice on the
-    reference path), max |diff| < 0.1 over every pixel, edges against the black fill included. The
-    worst pixels are where clamping meets partial coverage, which no resampling order can avoid.
+    Tolerances: mean |diff| < 0.01 (512 input) or 0.015 (1024 input, shrunk twice on the
+    reference path), max |diff| < 0.25 over every pixel. The worst pixels lie on the image's border
+    against the black fill: shrinking is a prefilter then one bilinear sample (a mipmap, about 8x
+    cheaper than rendering densely), which spreads that hard edge by about one output pixel.
     """
     n = 6
     images = torch.from_numpy(textured(side)).float()[None, None].expand(n, 1, side, side)
