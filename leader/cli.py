@@ -9,6 +9,7 @@ import sys
 import typer
 
 from leader.errors import LeaderError
+from leader.demo.commands import demo
 from leader.evaluate.commands import eval_app, report_command
 from leader.precompute.commands import cache_app, precompute_app
 from leader.shards.commands import app as shards_app
@@ -27,6 +28,7 @@ app.add_typer(cache_app, name="cache")
 register_train(app)
 app.add_typer(eval_app, name="eval")
 app.command("report")(report_command)
+app.command("demo")(demo)
 
 
 @app.callback()
