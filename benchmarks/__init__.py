@@ -1,0 +1,20 @@
+"""Benchmarks: is the cache-plus-streaming design fast, and where is it still slow?
+
+    python -m benchmarks run --quick                       # CPU, small models, under 5 minutes
+    python -m benchmarks run --device cuda --out gpu.json  # the paper's model sizes (benchmarks/gpu.sh)
+
+Every figure is a ratio of two rates measured side by side in one run, on the same data and the
+same student (DESIGN.md section 7). One module per measurement:
+
+    shard_build      images/s building shards from a folder of PNGs (csv adapter), workers 1 vs N
+    step_rate        training steps/s: cached targets vs the official code's way vs fully online
+    loader           samples/s: our shard + cache-block + view-replay stream vs the official loader
+    overhead         full pipeline step time / step time on batches already on the device
+    precompute_rate  precompute views/s / the teacher's bare forward rate on the same batches
+    cache_cost       bytes per item and view, compression ratio, block reads vs row-by-row reads
+    scale            trainer host RSS for 1k, 100k and 1M items in the manifest
+
+`workload` builds the shared data once per run (a folder of original-size phantom PNGs, shards,
+a teacher cache and the official code's per-image .npy targets); `official` is the official
+LeADER code's data path, reimplemented for comparison; `profiles` holds the sizes of each run.
+"""

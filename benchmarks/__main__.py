@@ -1,0 +1,101 @@
+"""`python -m benchmarks run [--quick] [--device cpu|cuda] [--out FILE.json]`: every ratio, one table."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("LEADER_PROGRESS", "0")
+
+import importlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import torch  # noqa: E402
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from benchmarks.harness import Context, Figure, machine  # noqa: E402
+from benchmarks.profiles import choose_profile  # noqa: E402
+from benchmarks.workload import require_cuda  # noqa: E402
+from leader.errors import LeaderError  # noqa: E402
+from leader.io import atomic_write_json  # noqa: E402
+
+# In run order: the cache is built (and its precompute timed) before anything reads it.
+BENCHMARKS = ("shard_build", "precompute_rate", "cache_cost", "loader", "step_rate", "overhead", "scale")
+REPO = Path(__file__).resolve().parents[1]
+
+app = typer.Typer(add_completion=False, help="leader's benchmarks: ratios measured side by side in one run.")
+console = Console(stderr=True)
+
+
+def run_suite(ctx: Context, names: tuple[str, ...] = BENCHMARKS) -> tuple[list[Figure], dict[str, float]]:
+    figures, seconds = [], {}
+    for name in names:
+        start = time.perf_counter()
+        ctx.log(f"[bold]{name}[/bold]")
+        figures += importlib.import_module(f"benchmarks.{name}").run(ctx)
+        seconds[name] = round(time.perf_counter() - start, 1)
+    return figures, seconds
+
+
+def table(figures: list[Figure]) -> Table:
+    out = Table(title="leader benchmarks (ratios measured side by side)")
+    for column in ("benchmark", "ratio of", "value", "measured"):
+        out.add_column(column, justify="right" if column == "value" else "left")
+    for f in figures:
+        out.add_row(f.benchmark, f.name, f"{f.ratio:.2f}x", f.note)
+    return out
+
+
+@app.callback()
+def main() -> None:
+    """leader's benchmarks."""
+
+
+@app.command()
+def run(
+    quick: bool = typer.Option(False, "--quick", help="the CPU suite sized for 5 minutes on 2 cores"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (cuda: the paper's model sizes)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write every figure and the raw rates to this JSON file"),
+    only: list[str] = typer.Option([], "--only", help=f"run only these benchmarks (repeatable): {', '.join(BENCHMARKS)}"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="keep the generated data here (default: a temporary directory)"),
+) -> None:
+    try:
+        profile = choose_profile(device, quick)
+        unknown = sorted(set(only) - set(BENCHMARKS))
+        if unknown:
+            raise LeaderError(f"--only: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
+        torch_device = torch.device(device)
+        require_cuda(torch_device)
+    except LeaderError as e:
+        console.print(f"error: {e}")
+        raise typer.Exit(2) from None
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    started = time.perf_counter()
+    facts = machine(torch_device, REPO)
+    root = workdir or Path(tempfile.mkdtemp(prefix="leader-bench-"))
+    ctx = Context(profile, torch_device, root, log=lambda message: console.log(message))
+    try:
+        figures, seconds = run_suite(ctx, tuple(b for b in BENCHMARKS if not only or b in only))
+    finally:
+        if workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    facts["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    facts["total_seconds"] = round(time.perf_counter() - started, 1)
+    Console().print(table(figures))
+    console.print(f"{len(figures)} ratios in {facts['total_seconds']}s on {facts['device']} "
+                  f"({facts.get('gpu', facts['cpu'])}, {facts['cpu_count']} CPUs, load {facts['load_average']})")
+    if out is not None:
+        atomic_write_json(out, {"machine": facts, "profile": profile.to_dict(), "seconds": seconds,
+                                "figures": [f.to_dict() for f in figures]})
+        console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    app()

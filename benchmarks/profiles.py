@@ -1,0 +1,91 @@
+"""The sizes of a benchmark run: data, models, batch, repetitions. One profile per kind of run.
+
+On the CPU the models are small, so the suite fits a 2-core machine; on CUDA they are the paper's
+(student Swin-B at 224, anatomy teacher ResNet-50 at 224, disease teacher EfficientNet-L2). Within a
+run, every ratio compares two ways of doing the same work with these same settings.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from leader.errors import LeaderError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A timm network with random weights; timing does not depend on the weights."""
+
+    arch: str
+    input_size: int | None = None       # teachers: None = the stored size (CXR-FM resizes nothing client-side)
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    original_size: int                  # side of the original images (what the official code decodes)
+    stored_size: int                    # shards' --size (what our loader decodes)
+    distinct_images: int                # phantom renders; the folder repeats them (rendering is not what is timed)
+    build_images: int                   # images in the folder the shard-build benchmark reads
+    build_workers: tuple[int, ...]
+    train_images: int                   # images in the shard set the training benchmarks stream
+    shard_size: int
+    n_views: int                        # cached views per item
+    batch_size: int
+    student: ModelSpec
+    disease: ModelSpec
+    anatomy: ModelSpec
+    loader_workers: tuple[int, ...]     # DataLoader workers compared in the loader benchmark
+    pipeline_workers: int               # workers of the full training pipeline (overhead benchmark)
+    warmup_steps: int
+    timed_steps: int
+    precompute_batch: int
+    scale_items: tuple[int, ...]        # manifest sizes for the host-memory benchmark
+    row_reads: int                      # single-row reads timed in the cache-cost benchmark
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_width": 16}
+
+# CPU: the shapes of the real problem scaled down (originals twice the stored size, as NIH's
+# 1024 -> 512), with small models. The quick run works at a quarter of the linear size (256 -> 128)
+# so that it fits 5 minutes on 2 shared cores; the full run at half (512 -> 256), where the
+# disease teacher takes 128 px rather than the stored size to keep its precompute in minutes.
+CPU_QUICK = Profile(
+    name="cpu-quick", original_size=256, stored_size=128, distinct_images=24, build_images=600,
+    build_workers=(1, 2), train_images=384, shard_size=64, n_views=2, batch_size=32,
+    student=ModelSpec("resnet18", 64, TINY_RESNET),
+    disease=ModelSpec("test_efficientnet", None), anatomy=ModelSpec("test_convnext", 64),
+    loader_workers=(0, 1, 2), pipeline_workers=1, warmup_steps=2, timed_steps=6, precompute_batch=64,
+    scale_items=(1_000, 100_000, 1_000_000), row_reads=100,
+)
+
+CPU_FULL = Profile(
+    name="cpu-full", original_size=512, stored_size=256, distinct_images=64, build_images=10_000,
+    build_workers=(1, 2), train_images=1024, shard_size=128, n_views=2, batch_size=32,
+    student=CPU_QUICK.student, disease=ModelSpec("test_efficientnet", 128), anatomy=CPU_QUICK.anatomy,
+    loader_workers=(0, 1, 2), pipeline_workers=1, warmup_steps=3, timed_steps=20, precompute_batch=64,
+    scale_items=(1_000, 100_000, 1_000_000), row_reads=300,
+)
+
+# CUDA: the paper's sizes. The disease teacher renders at the stored size (512), as our
+# cxr-foundation adapter feeds CXR-FM (no client-side resize). timm's EfficientNet-L2 pools 5504-d
+# features (its head conv) where CXR-FM returns 1376-d; only the cached target width differs.
+CUDA = Profile(
+    name="cuda", original_size=1024, stored_size=512, distinct_images=64, build_images=1000,
+    build_workers=(1, 4, 16), train_images=1024, shard_size=64, n_views=2, batch_size=64,
+    student=ModelSpec("swin_base_patch4_window7_224", 224),
+    disease=ModelSpec("tf_efficientnet_l2", None), anatomy=ModelSpec("resnet50", 224),
+    loader_workers=(2, 4, 8), pipeline_workers=8, warmup_steps=3, timed_steps=10, precompute_batch=64,
+    scale_items=(1_000, 100_000, 1_000_000), row_reads=300,
+)
+
+
+def choose_profile(device: str, quick: bool) -> Profile:
+    if device == "cpu":
+        return CPU_QUICK if quick else CPU_FULL
+    if device == "cuda":
+        return CUDA          # already sized for gpu.sh's 8 minutes; --quick changes nothing
+    raise LeaderError(f"--device must be cpu or cuda, got {device!r}")

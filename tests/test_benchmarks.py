@@ -1,0 +1,89 @@
+"""The benchmark harness at toy sizes: every benchmark runs once and yields finite, positive ratios.
+
+This checks the suite works end to end (real shards, a real cache, the official-style loader, the
+trainer's stream and step, the synthetic million-item layout at small scale). It never asserts a
+speed: timings on a shared CI machine mean nothing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.__main__ import BENCHMARKS, run_suite
+from benchmarks.harness import Context
+from benchmarks.profiles import CPU_QUICK, ModelSpec
+from benchmarks.scale import write_synthetic_set
+from leader.shards.manifest import Manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOY = replace(
+    CPU_QUICK, name="toy", original_size=64, stored_size=32, distinct_images=4, build_images=24,
+    build_workers=(1, 2), train_images=32, shard_size=8, batch_size=8,
+    student=ModelSpec("resnet18", 32, {"layers": [1, 1, 1, 1], "channels": [8, 8, 16, 16], "stem_width": 8}),
+    disease=ModelSpec("test_resnet", None), anatomy=ModelSpec("test_convnext", 32),
+    loader_workers=(0, 1), pipeline_workers=1, warmup_steps=1, timed_steps=2, precompute_batch=16,
+    scale_items=(1_000, 3_000), row_reads=10,
+)
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    ctx = Context(TOY, torch.device("cpu"), tmp_path_factory.mktemp("bench"), log=lambda message: None)
+    figures, seconds = run_suite(ctx)
+    return ctx, figures, seconds
+
+
+def test_every_benchmark_yields_finite_positive_ratios(suite):
+    _, figures, seconds = suite
+    assert list(seconds) == list(BENCHMARKS)
+    assert {f.benchmark for f in figures} == set(BENCHMARKS)
+    for f in figures:
+        assert math.isfinite(f.ratio) and f.ratio > 0, f
+        assert json.loads(json.dumps(f.to_dict()))["ratio"] == f.ratio
+
+
+def test_figures_compare_what_the_issue_asks(suite):
+    _, figures, _ = suite
+    names = {f.name for f in figures}
+    assert {"cached / official-style step rate", "cached / fully online step rate"} <= names
+    assert {f"ours / official samples/s, {w} worker(s)" for w in TOY.loader_workers} <= names
+    assert "trainer peak RSS, 3,000 / 1,000 items" in names
+    cost = next(f for f in figures if f.name == "compression ratio (raw / stored), disease")
+    assert cost.detail["items"] == TOY.train_images and cost.detail["views"] == TOY.n_views
+
+
+def test_official_targets_hold_the_cached_view_0_embedding(suite):
+    import numpy as np
+
+    from leader.precompute.cache import TeacherCache
+
+    ctx, _, _ = suite
+    work = ctx.workload
+    cache = TeacherCache.open(work.cache)
+    first = work.training_images()[0]
+    keys = cache.read_keys(0, cache.n_items)
+    row = next(i for i, key in enumerate(keys) if key.startswith(f"csv/images_{first.stem}_"))
+    expected = cache.read_block("disease", row, row + 1)[0, 0].astype(np.float32)
+    np.testing.assert_array_equal(np.load(work.official_targets / f"{first.stem}.npy"), expected)
+
+
+def test_synthetic_scale_set_is_a_valid_shard_set(tmp_path):
+    manifest = write_synthetic_set(tmp_path / "synthetic", 2_000)
+    again = Manifest.load(tmp_path / "synthetic")
+    assert again.n_items == manifest.n_items == 2_000
+    assert [s.rows for s in again.shards] == [(0, 1000), (1000, 2000)]
+
+
+def test_cli_refuses_an_unknown_device():
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--device", "tpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--device must be cpu or cuda" in done.stderr
