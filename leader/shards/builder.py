@@ -354,7 +354,8 @@ class ShardBuilder:
         pending: list[Prepared] = []
         pending_rejects: list[Rejected] = []
         done = self.consumed
-        chunk = max(16, 8 * workers)
+        # Large rounds keep every worker busy between the main process's ordered bookkeeping.
+        chunk = max(16, 64 * workers)
         # Workers ignore SIGTERM: a scheduler signals the whole process group, and the main process
         # still needs them to finish the shard in progress.
         pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigterm) if workers > 1 else None
@@ -364,7 +365,7 @@ class ShardBuilder:
                     batch = list(_take(jobs, chunk))
                     if not batch:
                         break
-                    results = pool.map(prepare, batch, chunksize=max(1, len(batch) // (4 * workers))) if pool else map(prepare, batch)
+                    results = pool.imap(prepare, batch, chunksize=4) if pool else map(prepare, batch)
                     for r in results:
                         done += 1
                         if isinstance(r, Prepared) and r.key in self.seen_keys:
