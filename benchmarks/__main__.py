@@ -63,7 +63,13 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", help="write every figure and the raw rates to this JSON file"),
     only: list[str] = typer.Option([], "--only", help=f"run only these benchmarks (repeatable): {', '.join(BENCHMARKS)}"),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="keep the generated data here (default: a temporary directory)"),
+    threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0: torch's default on cuda, 1 on cpu)"),
 ) -> None:
+    # On a CPU with as many busy processes as cores, OpenMP threads that spin-wait for each other
+    # make torch up to 40x slower (measured here: view replay 0.2 ms -> 8.4 ms per sample at load
+    # 3 on 2 cores); one thread per process keeps the side-by-side ratios about the code.
+    if threads or device == "cpu":
+        torch.set_num_threads(threads or 1)
     try:
         profile = choose_profile(device, quick)
         unknown = sorted(set(only) - set(BENCHMARKS))
@@ -79,6 +85,7 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
     started = time.perf_counter()
     facts = machine(torch_device, REPO)
+    facts["torch_threads"] = torch.get_num_threads()
     root = workdir or Path(tempfile.mkdtemp(prefix="leader-bench-"))
     ctx = Context(profile, torch_device, root, log=lambda message: console.log(message))
     try:
