@@ -45,7 +45,7 @@ class Sample:
 
 def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im)
+        arr = np.array(im)  # writable, so torch.from_numpy never warns
     if arr.dtype == np.int32:  # Pillow reads some 16-bit PNGs as mode "I"
         arr = arr.astype(np.uint16)
     return arr
