@@ -99,8 +99,15 @@ class TargetNorm(nn.Module):
         self.mode = mode
         for name, dim in dims.items():
             mean, std = (stats or {}).get(name, (torch.zeros(dim), torch.ones(dim)))
+            std = torch.as_tensor(std, dtype=torch.float32).reshape(dim).clone()
+            # A dimension that is (nearly) dead on whole images can be alive on patches; dividing by
+            # its tiny image std would blow the patch loss up by orders of magnitude. Floor each std
+            # at a tenth of the median one.
+            alive = std[std > 0]
+            if alive.numel():
+                std = std.clamp_min(0.1 * float(alive.median()))
             self.register_buffer(f"mean_{name}", torch.as_tensor(mean, dtype=torch.float32).reshape(dim).clone())
-            self.register_buffer(f"std_{name}", torch.as_tensor(std, dtype=torch.float32).reshape(dim).clone())
+            self.register_buffer(f"std_{name}", std)
 
     def targets(self, name: str, t: torch.Tensor) -> torch.Tensor:
         t = t.float()
