@@ -36,7 +36,7 @@ from leader.evaluate.figures import auc_bars
 from leader.evaluate.items import ItemTable, label_matrix, patient_subset, read_images
 from leader.evaluate.linear_probe import ProbeLabels, evaluable_classes
 from leader.evaluate.results import write_metrics
-from leader.evaluate.stats import bootstrap_auc_mean, per_class_auc
+from leader.evaluate.stats import auc_summary, per_class_auc
 from leader.views import IDENTITY, ViewSpec, replay_views, sample_view_params
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -252,15 +252,8 @@ def finetune(source: BackboneSource, data: FinetuneData, class_names: list[str],
             scores.append(test_scores)
             per_seed.append(mean_auc(test_scores, data.labels["test"], classes))
             logs.append({**log, "n_train": int(len(train_index))})
-        per_class = np.mean([per_class_auc(s, data.labels["test"]) for s in scores], axis=0)
-        lo, hi = bootstrap_auc_mean(scores, data.labels["test"], classes, n_boot=n_boot)
         by_fraction[f"{fraction:g}"] = {
-            "fraction": fraction,
-            "auc_mean": float(np.mean(per_seed)),
-            "auc_std": float(np.std(per_seed, ddof=1)) if seeds > 1 else 0.0,
-            "auc_ci95": [lo, hi],
-            "auc_per_class": {class_names[c]: float(per_class[c]) for c in classes},
-            "per_seed": per_seed,
+            **auc_summary(fraction, per_seed, scores, data.labels["test"], classes, class_names, n_boot),
             "training": logs,
         }
     top = by_fraction[max(by_fraction, key=float)]

@@ -36,7 +36,7 @@ from leader.evaluate.figures import auc_bars
 from leader.evaluate.items import ItemTable, label_matrix, patient_subset, rows_of
 from leader.evaluate.representations import features, parse_representation
 from leader.evaluate.results import write_metrics
-from leader.evaluate.stats import bootstrap_auc_mean, per_class_auc
+from leader.evaluate.stats import auc_summary, per_class_auc
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 FALLBACK_L2 = 1e-2   # used for a class whose validation split cannot rank (no positive or negative)
@@ -187,15 +187,8 @@ def linear_probe(
             chance.append([class_names[c] for c in classes if not runs[0][2][c]])
             selected.append({class_names[c]: [float(r[1][c]) for r in runs] for c in classes})
             n_train.append(int(len(train_index)))
-        per_class = np.mean([per_class_auc(s, labels.test) for s in seed_scores], axis=0)
-        lo, hi = bootstrap_auc_mean(seed_scores, labels.test, classes, n_boot=n_boot)
         by_fraction[f"{fraction:g}"] = {
-            "fraction": fraction,
-            "auc_mean": float(np.mean(per_seed)),
-            "auc_std": float(np.std(per_seed, ddof=1)) if seeds > 1 else 0.0,
-            "auc_ci95": [lo, hi],
-            "auc_per_class": {class_names[c]: float(per_class[c]) for c in classes},
-            "per_seed": per_seed,
+            **auc_summary(fraction, per_seed, seed_scores, labels.test, classes, class_names, n_boot),
             "seed_variation": len(set(per_seed)) > 1,
             "n_train": n_train,
             "chance_classes": chance,

@@ -61,3 +61,18 @@ def bootstrap_auc_mean(
     means = totals / len(scores)
     lo, hi = np.nanpercentile(means, [2.5, 97.5])
     return float(lo), float(hi)
+
+
+def auc_summary(fraction: float, per_seed: list[float], seed_scores: list[np.ndarray], test_labels: np.ndarray,
+                classes: np.ndarray, class_names: list[str], n_boot: int) -> dict:
+    """The metrics.json entry of one label fraction: mean/std over seeds, bootstrap CI, AUC per class."""
+    per_class = np.mean([per_class_auc(s, test_labels) for s in seed_scores], axis=0)
+    lo, hi = bootstrap_auc_mean(seed_scores, test_labels, classes, n_boot=n_boot)
+    return {
+        "fraction": fraction,
+        "auc_mean": float(np.mean(per_seed)),
+        "auc_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+        "auc_ci95": [lo, hi],
+        "auc_per_class": {class_names[c]: float(per_class[c]) for c in classes},
+        "per_seed": per_seed,
+    }
