@@ -37,6 +37,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -81,14 +82,10 @@ class ChestXDet:
     overlap_note = "ChestX-Det images are a subset of NIH ChestX-ray14 (renumbered file names)"
 
     def __init__(self, val_fraction: float = 0.15):
-        if not 0.0 < val_fraction < 1.0:
-            raise LeaderError(f"chestx-det: val_fraction must be between 0 and 1, got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.val_fraction = check_val_fraction("chestx-det", val_fraction)
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"chestx-det: --root must be the folder that holds ChestX_Det_train.json; got {root}")
-        root = Path(root)
+        root = require_root(root, f"chestx-det: --root must be the folder that holds ChestX_Det_train.json; got {root}")
         sources = []
         for official, filename in ANNOTATIONS.items():
             entries = load_annotation_list(root / filename)

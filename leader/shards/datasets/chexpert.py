@@ -33,6 +33,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -93,17 +94,14 @@ class CheXpert:
     overlap_note = None
 
     def __init__(self, frontal_only: bool = True, val_fraction: float = 0.1):
-        if not 0.0 < val_fraction < 1.0:
-            raise LeaderError(f"chexpert: val_fraction must be between 0 and 1, got {val_fraction}")
+        check_val_fraction("chexpert", val_fraction)
         self.frontal_only = bool(frontal_only)
         self.val_fraction = float(val_fraction)
 
     def records(
         self, root: Path | None, rejects: RejectLog, *, seed: int = 0, n: int | None = None
     ) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"chexpert: --root {root} is not a folder; pass the folder that holds train.csv")
-        root = Path(root)
+        root = require_root(root, f"chexpert: --root {root} is not a folder; pass the folder that holds train.csv")
         if not (root / "train.csv").exists():
             raise LeaderError(
                 f"chexpert: expected train.csv (and valid.csv) under {root}; is --root the "

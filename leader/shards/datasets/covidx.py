@@ -39,6 +39,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -76,14 +77,10 @@ class COVIDx:
     overlap_note = "COVIDx pools public sets, including RSNA Pneumonia images (themselves from NIH ChestX-ray14)"
 
     def __init__(self, val_fraction: float = 0.15):
-        if not 0.0 < val_fraction < 1.0:
-            raise LeaderError(f"covidx: val_fraction must be between 0 and 1, got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.val_fraction = check_val_fraction("covidx", val_fraction)
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"covidx: --root must be the folder that holds train.txt, test.txt, train/ and test/; got {root}")
-        root = Path(root)
+        root = require_root(root, f"covidx: --root must be the folder that holds train.txt, test.txt, train/ and test/; got {root}")
         lists = []
         for split, candidates in LIST_FILES.items():
             found = next((root / c for c in candidates if (root / c).is_file()), None)

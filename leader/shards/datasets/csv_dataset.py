@@ -57,6 +57,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import VOCABULARY, ordered, patient_split
@@ -142,8 +143,7 @@ class CsvDataset:
         )
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"csv: --root must be the folder that holds the label CSV and the images; got {root}")
+        root = require_root(root, f"csv: --root must be the folder that holds the label CSV and the images; got {root}")
         root = Path(os.path.abspath(root))
         csv_file = self.find_csv(root)
         rows = self._read_rows(csv_file, root)

@@ -49,6 +49,7 @@ import numpy as np
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
@@ -78,9 +79,7 @@ class CxrLandmarks:
     overlap_note = "Its images come from JSRT, Shenzhen, Montgomery and PadChest (flagged per image in extra.also_in)"
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"cxr-landmarks: --root must be the dataset folder that holds Images/ and landmarks/; got {root}")
-        root = Path(root)
+        root = require_root(root, f"cxr-landmarks: --root must be the dataset folder that holds Images/ and landmarks/; got {root}")
         for needed in ("Images", "landmarks/RL", "landmarks/LL"):
             if not (root / needed).is_dir():
                 raise LeaderError(

@@ -42,6 +42,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_raw
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
@@ -67,11 +68,8 @@ class JSRT:
     overlap_note = "All JSRT images are annotated in cxr-landmarks; NODE21 also includes JSRT images"
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(
-                f"jsrt: --root must be the folder that holds CLNDAT_EN.txt, CNNDAT_EN.txt and the .IMG files; got {root}"
-            )
-        root = Path(root)
+        root = require_root(
+            root, f"jsrt: --root must be the folder that holds CLNDAT_EN.txt, CNNDAT_EN.txt and the .IMG files; got {root}")
         nodule_file = find_case_insensitive(root, "CLNDAT_EN.txt")
         non_nodule_file = find_case_insensitive(root, "CNNDAT_EN.txt")
         images = index_images(root, rejects)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.datasets.chexpert import OBSERVATIONS_TO_VOCABULARY, code_observations
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
@@ -108,9 +109,7 @@ class MIMICCXR:
 
 
 def _check_root(root: Path | None) -> Path:
-    if root is None or not Path(root).is_dir():
-        raise LeaderError(f"mimic-cxr: --root {root} is not a folder; pass the folder that holds files/ and the CSVs")
-    root = Path(root)
+    root = require_root(root, f"mimic-cxr: --root {root} is not a folder; pass the folder that holds files/ and the CSVs")
     missing = [f for f in (SPLIT_FILE, METADATA_FILE, LABEL_FILE) if not (root / f).exists()]
     if missing:
         raise LeaderError(

@@ -33,6 +33,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -68,9 +69,7 @@ class NIHChestXray14:
     )
 
     def __init__(self, val_fraction: float = 0.125):
-        if not 0.0 < val_fraction < 1.0:
-            raise LeaderError(f"nih14: val_fraction must be between 0 and 1, got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.val_fraction = check_val_fraction("nih14", val_fraction)
 
     def records(
         self, root: Path | None, rejects: RejectLog, *, seed: int = 0, n: int | None = None
@@ -135,11 +134,7 @@ class NIHChestXray14:
 
 
 def _check_root(root: Path | None) -> Path:
-    if root is None or not Path(root).is_dir():
-        raise LeaderError(
-            f"nih14: --root {root} is not a folder; pass the folder that holds images/ and Data_Entry_2017.csv"
-        )
-    return Path(root)
+    return require_root(root, f"nih14: --root {root} is not a folder; pass the folder that holds images/ and Data_Entry_2017.csv")
 
 
 def _read_data_entry(root: Path) -> pd.DataFrame:

@@ -30,6 +30,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
@@ -54,8 +55,7 @@ class Node21:
     overlap_note = "NODE21 draws its images from JSRT, PadChest, ChestX-ray14 and Open-I (which image is which is not published)"
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"node21: --root must be the folder that holds metadata.csv and images/; got {root}")
+        root = require_root(root, f"node21: --root must be the folder that holds metadata.csv and images/; got {root}")
         data_dir = find_data_dir(Path(root))
         rows_by_image = read_metadata(data_dir / "metadata.csv")
         return itertools.islice(self._emit(Path(root), data_dir, rows_by_image, rejects, seed), n)

@@ -33,6 +33,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -93,9 +94,7 @@ class PadChest:
     def records(
         self, root: Path | None, rejects: RejectLog, *, seed: int = 0, n: int | None = None
     ) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"padchest: --root {root} is not a folder; pass the folder that holds the label CSV")
-        root = Path(root)
+        root = require_root(root, f"padchest: --root {root} is not a folder; pass the folder that holds the label CSV")
         csv_path = find_label_csv(root)
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False, usecols=lambda c: c.strip() in COLUMNS)
         table.columns = [c.strip() for c in table.columns]

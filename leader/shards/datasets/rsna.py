@@ -32,6 +32,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -99,9 +100,7 @@ class RSNAPneumonia:
 
 
 def _find_stage(root: Path | None) -> tuple[Path, str]:
-    if root is None or not Path(root).is_dir():
-        raise LeaderError(f"rsna: --root {root} is not a folder; pass the folder that holds stage_2_train_labels.csv")
-    root = Path(root)
+    root = require_root(root, f"rsna: --root {root} is not a folder; pass the folder that holds stage_2_train_labels.csv")
     for stage in STAGES:
         if (root / f"{stage}_train_labels.csv").exists():
             return root, stage

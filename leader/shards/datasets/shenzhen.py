@@ -28,6 +28,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -47,9 +48,7 @@ class Shenzhen:
     overlap_note = "cxr-landmarks annotates a subset of the Shenzhen images (same file names)"
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"shenzhen: --root must be the folder that holds CXR_png/; got {root}")
-        root = Path(root)
+        root = require_root(root, f"shenzhen: --root must be the folder that holds CXR_png/; got {root}")
         for candidate in DATA_DIRS:
             if (root / candidate / "CXR_png").is_dir():
                 data_dir = root / candidate

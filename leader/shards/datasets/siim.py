@@ -32,6 +32,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
@@ -95,9 +96,7 @@ class SIIMPneumothorax:
 
 
 def _check_root(root: Path | None) -> Path:
-    if root is None or not Path(root).is_dir():
-        raise LeaderError(f"siim: --root {root} is not a folder; pass the folder that holds {LABEL_FILE}")
-    root = Path(root)
+    root = require_root(root, f"siim: --root {root} is not a folder; pass the folder that holds {LABEL_FILE}")
     missing = [name for name in (LABEL_FILE, IMAGE_DIR) if not (root / name).exists()]
     if missing:
         raise LeaderError(

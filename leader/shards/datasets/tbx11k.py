@@ -42,6 +42,7 @@ from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -71,14 +72,10 @@ class TBX11K:
     overlap_note = None
 
     def __init__(self, val_fraction: float = 0.15):
-        if not 0.0 < val_fraction < 1.0:
-            raise LeaderError(f"tbx11k: val_fraction must be between 0 and 1, got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.val_fraction = check_val_fraction("tbx11k", val_fraction)
 
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
-        if root is None or not Path(root).is_dir():
-            raise LeaderError(f"tbx11k: --root must be the TBX11K folder that holds imgs/ and annotations/; got {root}")
-        root = Path(root)
+        root = require_root(root, f"tbx11k: --root must be the TBX11K folder that holds imgs/ and annotations/; got {root}")
         if not (root / "imgs").is_dir():
             raise LeaderError(f"tbx11k: expected the image folder imgs/ (health/, sick/, tb/) under {root}")
         sources = [(name, split, read_coco(root / "annotations" / "json" / name, rejects)) for name, split in ANNOTATIONS.items()]

@@ -42,6 +42,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
+from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -112,9 +113,7 @@ class VinDrCXR:
     overlap_note = None
 
     def __init__(self, val_fraction: float = 0.125):
-        if not 0.0 < val_fraction < 1.0:
-            raise LeaderError(f"vindr: val_fraction must be between 0 and 1, got {val_fraction}")
-        self.val_fraction = float(val_fraction)
+        self.val_fraction = check_val_fraction("vindr", val_fraction)
 
     def records(
         self, root: Path | None, rejects: RejectLog, *, seed: int = 0, n: int | None = None
@@ -224,9 +223,7 @@ def _mean_box(cluster) -> tuple[float, float, float, float]:
 
 
 def _check_root(root: Path | None) -> Path:
-    if root is None or not Path(root).is_dir():
-        raise LeaderError(f"vindr: --root {root} is not a folder; pass the vindr-cxr/1.0.0 folder")
-    root = Path(root)
+    root = require_root(root, f"vindr: --root {root} is not a folder; pass the vindr-cxr/1.0.0 folder")
     if _find(root, "annotations_train.csv") is None:
         raise LeaderError(
             f"vindr: expected annotations/annotations_train.csv under {root}; is --root the folder that "
