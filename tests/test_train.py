@@ -351,6 +351,19 @@ def test_config_overrides_are_checked_by_name():
         load_config(DEMO, ["phases.0.epochs=2"])
 
 
+def test_config_values_take_their_fields_types():
+    # YAML 1.1 reads 5e-4 (no dot) as a string; before this check it reached AdamW as "5e-4".
+    cfg = load_config(DEMO, ["optim.lr=5e-4", "phases.1.lr=1e-4", "phases.0.steps=2e3", "optim.grad_clip=1"])
+    assert (cfg.optim.lr, cfg.phases[1].lr, cfg.phases[0].steps) == (5e-4, 1e-4, 2000)
+    assert isinstance(cfg.optim.grad_clip, float) and cfg.phases[0].lr is None
+    with pytest.raises(LeaderError, match=r"optim: lr: expected a number, got 'fast'"):
+        load_config(DEMO, ["optim.lr=fast"])
+    with pytest.raises(LeaderError, match=r"data: batch_size: expected a whole number, got 12.5"):
+        load_config(DEMO, ["data.batch_size=12.5"])
+    with pytest.raises(LeaderError, match=r"run: compile: expected true or false, got 'sometimes'"):
+        load_config(DEMO, ["run.compile=sometimes"])
+
+
 def test_resume_refuses_a_changed_model_and_other_teacher_dims(demo_run, phantom_shards, train_cache, tmp_path):
     with pytest.raises(LeaderError, match=r"config key model.head_hidden changed \(128 -> 64\): it alters the model"):
         train(config(phantom_shards, train_cache, "model.head_hidden=64"), demo_run, resume=True)

@@ -244,8 +244,45 @@ def _build(cls, d: Any, where: str):
             value = _build(sub, value, f"{where}: {name}")
         elif isinstance(value, list) and name in ("mean", "std", "betas"):
             value = tuple(value)
+        else:
+            value = _typed(value, known[name].type, f"{where}: {name}")
         values[name] = value
     return cls(**values)
+
+
+def _typed(value: Any, annotation: str, where: str) -> Any:
+    """A scalar as its field's type says. YAML 1.1 reads `5e-4` (no dot) as a string, so a
+    `--set optim.lr=5e-4` arrives as "5e-4"; numbers written that way are accepted, and a value of
+    the wrong kind is named here instead of failing deep inside torch."""
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        if "None" in kinds:
+            return None
+        raise LeaderError(f"{where}: a value is required")
+    if "float" in kinds and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LeaderError(f"{where}: expected a number, got {value!r}")
+    if "int" in kinds:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise LeaderError(f"{where}: expected a whole number, got {value!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise LeaderError(f"{where}: expected a whole number, got {value!r}") from None
+        if not number.is_integer():
+            raise LeaderError(f"{where}: expected a whole number, got {value!r}")
+        return int(number)
+    if "bool" in kinds and not isinstance(value, bool):
+        raise LeaderError(f"{where}: expected true or false, got {value!r}")
+    if "str" in kinds and not isinstance(value, str):
+        raise LeaderError(f"{where}: expected a string, got {value!r}")
+    return value
 
 
 def _plain(value: Any) -> Any:
