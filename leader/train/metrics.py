@@ -10,7 +10,8 @@ import sys
 import types
 from pathlib import Path
 
-from leader.io import atomic_write_text
+from leader.errors import LeaderError
+from leader.io import DISK_FULL, atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -63,7 +64,13 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(row) + "\n")
+        try:
+            self.file.write(json.dumps(row) + "\n")
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            raise LeaderError(f"{DISK_FULL[e.errno]} while appending step {row.get('step')} to {self.path}; "
+                              "the last checkpoint is intact. Free some space and rerun with --resume") from e
         if self.writer is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)):

@@ -150,3 +150,17 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(fault_inputs
     with torch_threads(1):
         assert invoke(*train_args(fault_inputs["shards"], fault_inputs["cache"], out, resume=True)).code == 0
     assert_same_run(out, reference_run)
+
+
+def test_a_full_disk_while_logging_metrics_names_the_file(tmp_path):
+    from leader.train.metrics import MetricsLog
+
+    log = MetricsLog(tmp_path, tensorboard=False)
+    log.log({"step": 1, "loss": 0.5})
+    log.file.close()
+    log.file = open("/dev/full", "a", buffering=1)       # the disk fills between two log lines
+    with pytest.raises(LeaderError, match=r"no space left on device while appending step 2 to .*metrics.jsonl; "
+                                          r"the last checkpoint is intact.*--resume") as failure:
+        log.log({"step": 2, "loss": 0.4})
+    assert failure.value.__cause__.errno == errno.ENOSPC
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
