@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leader.cli import app
+from leader.shards.builder import BuildSettings, build_shards
 from leader.shards.manifest import Manifest
 from leader.shards.reader import iter_samples
 from tests.conftest import build_phantom
@@ -29,8 +30,6 @@ def shard_hashes(out: Path) -> list[str]:
 
 def test_output_is_byte_identical_for_any_worker_count(tmp_path):
     one = build_phantom(tmp_path / "w1", n=20, shard_size=6)
-    from leader.shards.builder import BuildSettings, build_shards
-
     two = build_shards(BuildSettings(dataset="phantom", size=64, shard_size=6, seed=0, n=20), tmp_path / "w2", workers=2)
     assert shard_hashes(tmp_path / "w1") == shard_hashes(tmp_path / "w2")
     assert (tmp_path / "w1" / "keys.txt").read_text() == (tmp_path / "w2" / "keys.txt").read_text()
@@ -194,3 +193,19 @@ def test_rebuilding_with_other_settings_is_refused(tmp_path, phantom_shards):
     build_phantom(out, n=8, shard_size=4)
     result = runner.invoke(app, ["shards", "build", "phantom", "--out", str(out), "--n", "8", "--size", "32"])
     assert result.exit_code != 0 and "other settings" in str(result.exception)
+
+
+def test_a_second_build_of_one_adapter_takes_its_own_name(tmp_path):
+    # Two in-house csv datasets, or a second phantom as extra unlabelled images, are two datasets
+    # to the trainer only if their manifests name them apart.
+    one = build_shards(BuildSettings(dataset="phantom", size=32, shard_size=4, seed=0, n=4), tmp_path / "a")
+    two = build_shards(BuildSettings(dataset="phantom", size=32, shard_size=4, seed=1, n=4, name="phantom-extra"),
+                       tmp_path / "b")
+    assert (one.dataset, two.dataset) == ("phantom", "phantom-extra")
+    assert Manifest.load(tmp_path / "b").build["name"] == "phantom-extra"
+    again = build_shards(BuildSettings(dataset="phantom", size=32, shard_size=4, seed=1, n=4, name="phantom-extra"),
+                         tmp_path / "b")
+    assert again.dataset == "phantom-extra"                 # a rerun finds the finished set
+    result = runner.invoke(app, ["shards", "build", "phantom", "--out", str(tmp_path / "c"), "--n", "4",
+                                 "--name", "my data"])
+    assert result.exit_code != 0 and "--name 'my data': use letters, digits" in str(result.exception)

@@ -16,6 +16,7 @@ import io
 import json
 import math
 import multiprocessing as mp
+import re
 import shutil
 import signal
 import threading
@@ -56,10 +57,14 @@ class BuildStopped(Exception):
         super().__init__(f"stopped after shard {index} ({name}) on SIGTERM; rerun the same command to resume")
 
 
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 @dataclass(frozen=True)
 class BuildSettings:
-    dataset: str
+    dataset: str                                  # the adapter
     root: str | None = None
+    name: str | None = None                       # the dataset's name in the manifest (default: the adapter's)
     size: int = 512
     shard_size: int = 1000
     seed: int = 0
@@ -427,7 +432,7 @@ class ShardBuilder:
         label_names = list(self.adapter.label_names) or sorted(label_counts)
         manifest = Manifest(
             root=self.out,
-            dataset=self.s.dataset,
+            dataset=self.s.name or self.s.dataset,
             label_names=label_names,
             landmark_names=list(self.landmark_names),
             has_boxes=bool(self.adapter.has_boxes),
@@ -491,9 +496,12 @@ def build_shards(settings: BuildSettings, out: str | Path, workers: int = 1, ove
         existing = Manifest.load(out)
         found = dict(existing.build)
         found.pop("max_reject_fraction", None)
+        found.setdefault("name", None)                  # manifests written before --name existed
         if found == settings.content_dict():
             return existing
         raise LeaderError(f"{out} already holds a complete shard set built with other settings; pass --overwrite or choose another --out")
+    if settings.name is not None and not DATASET_NAME.fullmatch(settings.name):
+        raise LeaderError(f"--name {settings.name!r}: use letters, digits, '.', '_' and '-' (it names the dataset in configs)")
     out.mkdir(parents=True, exist_ok=True)
     adapter = create_dataset(settings.dataset, **settings.options)
     return ShardBuilder(settings, out, adapter).run(workers, on_progress)

@@ -20,6 +20,8 @@ def build(
     dataset: str = typer.Argument(..., help="Dataset adapter: phantom, csv, nih14, chexpert, ... (see `leader shards datasets`)."),
     out: Path = typer.Option(..., "--out", help="Output directory for shards, keys.txt, rejects.jsonl and manifest.json."),
     root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, exactly as distributed."),
+    name: Optional[str] = typer.Option(None, "--name", help="The dataset's name in the manifest (default: the adapter's). "
+                                       "Two shard sets trained together need two names, e.g. two csv datasets."),
     size: int = typer.Option(512, "--size", help="Long side of the stored images, in pixels."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     workers: int = typer.Option(1, "--workers", help="Decode/resize processes. Output is identical for any value."),
@@ -37,6 +39,7 @@ def build(
     settings = BuildSettings(
         dataset=dataset,
         root=str(root.resolve()) if root else None,
+        name=name,
         size=size,
         shard_size=shard_size,
         seed=seed,

@@ -177,7 +177,8 @@ def open_sources(shards: list[str], caches: list[str], teachers: list[str]) -> T
                              cache.read_kind(0, cache.n_items), cache.read_split(0, cache.n_items)))
     datasets = [s.dataset for s in sets]
     if len(set(datasets)) != len(datasets):
-        raise LeaderError(f"two shard sets hold the same dataset: {datasets}")
+        raise LeaderError(f"two shard sets hold the same dataset: {datasets}; if they are different datasets, "
+                          "build one of them with `leader shards build --name OTHER_NAME`")
 
     infos: dict[str, TeacherInfo] = {}
     for name in teachers:
