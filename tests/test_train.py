@@ -163,7 +163,7 @@ def test_killed_and_resumed_run_follows_the_uninterrupted_curve(phantom_shards, 
 
 
 def test_sigterm_checkpoints_and_resume_completes_the_same_run(phantom_shards, train_cache, tmp_path):
-    overrides = (*SHORT, "phases.1.steps=2")
+    overrides = (*SHORT, "phases.1.steps=2", "optim.ema_decay=0.9")     # the weight average resumes too
     reference = tmp_path / "reference"
     train(config(phantom_shards, train_cache, *overrides), reference)
 
@@ -186,6 +186,41 @@ def test_sigterm_checkpoints_and_resume_completes_the_same_run(phantom_shards, t
 
     train(config(phantom_shards, train_cache, *overrides), stopped, resume=True)
     assert losses(stopped) == losses(reference)
+    averages = [torch.load(run / "checkpoint.pt", weights_only=True)["weight_average"] for run in (stopped, reference)]
+    assert averages[0]["updates"] == averages[1]["updates"] == 8
+    for name, value in averages[1]["weights"].items():
+        assert torch.equal(averages[0]["weights"][name], value), name
+
+
+def test_a_weight_average_is_what_the_run_hands_out(phantom_shards, train_cache, tmp_path):
+    from leader.train.averaging import WeightAverage
+    from leader.train.embed import load_student
+    from leader.train.export import export_run
+
+    run = tmp_path / "run"
+    with one_thread():
+        train(config(phantom_shards, train_cache, *SHORT, "optim.ema_decay=0.5"), run)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    average, raw = checkpoint["weight_average"]["weights"], checkpoint["model"]
+    name = next(k for k in raw if k.startswith("backbone.") and raw[k].is_floating_point() and raw[k].dim() == 4)
+    assert not torch.equal(average[name], raw[name])
+    student, _, _ = load_student(run)
+    assert torch.equal(student.state_dict()[name], average[name])
+    from safetensors.torch import load_file
+
+    exported = next(p for p in export_run(run, tmp_path / "export") if p.name == "model.safetensors")
+    assert torch.equal(load_file(exported)[name[len("backbone."):]], average[name])
+
+    # One update: the first decay is 1/10, later ones approach the configured decay.
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage.start(model, decay=0.99)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update(model)
+    assert torch.allclose(average.weights["weight"], model.weight - 0.1)
+    assert average.current_decay() == pytest.approx(2 / 11)
+    with pytest.raises(LeaderError, match=r"optim.ema_decay must be 0 \(off\) or in \(0, 1\), got 1.0"):
+        load_config(DEMO, ["optim.ema_decay=1"])
 
 
 def test_ddp_two_gloo_ranks_with_uneven_shards(phantom_shards, train_cache, tmp_path):

@@ -57,6 +57,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.01                    # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0                        # max global grad norm; 0 turns clipping off
     grad_accum: int = 1                           # micro-batches per optimizer step
+    ema_decay: float = 0.0                        # > 0: keep an average of the weights; embed/export use it
 
 
 @dataclass
@@ -202,6 +203,8 @@ def validate(cfg: TrainConfig) -> None:
     unknown_splits = [s for s in cfg.data.splits if s not in ("train", "val", "test")]
     if unknown_splits or not cfg.data.splits:
         raise LeaderError(f"data.splits must name some of train, val, test; got {cfg.data.splits}")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        raise LeaderError(f"optim.ema_decay must be 0 (off) or in (0, 1), got {cfg.optim.ema_decay}")
     if cfg.optim.grad_accum < 1:
         raise LeaderError("optim.grad_accum must be at least 1")
     if cfg.run.precision not in ("bf16", "fp32"):

@@ -20,6 +20,7 @@ from leader.errors import LeaderError
 from leader.io import atomic_write_bytes
 from leader.shards.manifest import Manifest
 from leader.shards.reader import iter_shard
+from leader.train.averaging import inference_weights
 from leader.train.checkpoint import load_checkpoint
 from leader.train.config import config_from_dict
 from leader.train.loader import place_on_canvas
@@ -34,7 +35,7 @@ def load_student(run: str | Path, device: str | torch.device = "cpu") -> tuple[S
     cfg = config_from_dict(checkpoint["config"])
     cfg.model.pretrained_file = None          # the checkpoint holds the weights
     student = create_student(cfg.model, checkpoint["head_dims"])
-    student.load_state_dict(checkpoint["model"])
+    student.load_state_dict(inference_weights(checkpoint))
     student.to(device).eval()
     student_input = StudentInput(cfg.model.image_size, int(checkpoint["patch_size"]), cfg.model.in_chans,
                                  tuple(cfg.model.mean), tuple(cfg.model.std))

@@ -23,6 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import leader
 from leader.io import atomic_write_bytes, atomic_write_json
+from leader.train.averaging import inference_weights
 from leader.train.checkpoint import load_checkpoint
 from leader.train.config import config_from_dict
 
@@ -35,7 +36,7 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
     checkpoint = load_checkpoint(run)
     cfg = config_from_dict(checkpoint["config"])
     out = Path(out)
-    model_state = checkpoint["model"]
+    model_state = inference_weights(checkpoint)
     backbone = {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
     heads = {k[len("heads."):]: v for k, v in model_state.items() if k.startswith("heads.")}
     heads.update({f"target_norm.{k}": v for k, v in checkpoint["target_norm"].items()})

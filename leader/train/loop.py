@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from leader.errors import LeaderError
 from leader.progress import progress, rate_text
+from leader.train.averaging import CHECKPOINT_KEY as AVERAGE_KEY, WeightAverage
 from leader.train.checkpoint import (CHECKPOINT_NAME, TrainState, capture_rng, load_checkpoint, remove_interrupted_saves, restore_rng,
                                      save_checkpoint)
 from leader.train.config import OptimConfig, TrainConfig, resume_conflicts, save_config
@@ -249,6 +250,11 @@ def _train(cfg: TrainConfig, out: Path, sources: TrainingSources, checkpoint: di
     if cfg.run.channels_last:
         student.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(student, cfg.optim)
+    average = None
+    if cfg.optim.ema_decay > 0:
+        saved = checkpoint.get(AVERAGE_KEY) if checkpoint is not None else None
+        average = (WeightAverage.resume(saved, student, cfg.optim.ema_decay) if saved
+                   else WeightAverage.start(student, cfg.optim.ema_decay))
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         rngs = checkpoint["rng"]
@@ -268,7 +274,8 @@ def _train(cfg: TrainConfig, out: Path, sources: TrainingSources, checkpoint: di
             save_checkpoint(out, {"model": student.state_dict(), "target_norm": norm.state_dict(),
                                   "optimizer": optimizer.state_dict(), "state": state.to_dict(), "rng": rng,
                                   "config": cfg.to_dict(), "head_dims": head_dims, "patch_size": patch_size,
-                                  "sources": sources.describe()})
+                                  "sources": sources.describe(),
+                                  **({AVERAGE_KEY: average.state_dict()} if average is not None else {})})
 
     with StopSignal() as stop, progress("steps") as bar:
         for p in range(state.phase, len(cfg.phases)):
@@ -291,6 +298,8 @@ def _train(cfg: TrainConfig, out: Path, sources: TrainingSources, checkpoint: di
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(state.step_in_phase, total, lr, warmup, cfg.optim.min_lr_ratio)
                 epoch, samples, parts, grad_norm = optimizer_step(net, step, batches, optimizer, student, cfg.optim, ddp)
+                if average is not None:
+                    average.update(student)
                 state.step_in_phase, state.global_step = state.step_in_phase + 1, state.global_step + 1
                 state.samples += samples
                 seen += samples
