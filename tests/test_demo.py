@@ -55,6 +55,23 @@ def test_teachers_are_in_the_real_formats_and_load_through_the_adapters(smoke_ru
     assert "no disease label" in json.loads((out / "teachers" / "anatomy.json").read_text())["learned_from"]
 
 
+def test_the_student_also_distils_from_the_extra_images_and_is_evaluated_on_the_first_set(smoke_run):
+    out, _ = smoke_run
+    import yaml
+    from leader.precompute.cache import TeacherCache
+    from leader.shards.manifest import Manifest
+
+    extra = Manifest.load(out / "shards-extra")
+    assert extra.dataset == "phantom-extra" and set(extra.splits) == {"train"}
+    assert extra.n_samples >= PROFILES["smoke"].extra_images - 1          # a phantom image may be rejected
+    cache = TeacherCache.open(out / "shards-extra" / "cache.zarr")
+    assert {"disease", "anatomy"} <= set(cache.teachers)
+    config = yaml.safe_load((out / "student" / "config.yaml").read_text())
+    assert config["data"]["shards"] == [str(out / "shards"), str(out / "shards-extra")]
+    probe = next((out / "eval" / "linear-probe" / "student").rglob("*.json"))
+    assert str(out / "shards-extra") not in probe.read_text()
+
+
 def test_rerun_skips_finished_steps_and_redoes_an_unfinished_one(smoke_run):
     out, _ = smoke_run
     (out / "state" / "report.json").unlink()            # as if killed while writing the report

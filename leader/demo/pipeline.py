@@ -49,6 +49,11 @@ class DemoProfile:
     split_fractions: tuple = (0.7, 0.1, 0.2)    # train, val, test (per patient)
     landmark_splits: tuple = ("test",)          # landmark patches feed only the anatomy evaluation
     workers: int = 2
+    # Images only the student distils from: a second phantom (seed + 1, other patients), built as its
+    # own dataset. The paper's student learns from the images of every dataset while its teachers
+    # were trained elsewhere; labels here go unused, and every evaluation runs on the first set.
+    extra_images: int = 2000
+    extra_name: str = "phantom-extra"
     # teachers and cache
     disease: DiseaseTeacherSettings = field(default_factory=DiseaseTeacherSettings)
     anatomy: AnatomyTeacherSettings = field(default_factory=AnatomyTeacherSettings)
@@ -73,7 +78,7 @@ DEFAULT = DemoProfile(anatomy=AnatomyTeacherSettings(input_size=48, steps=300, b
 
 PROFILES: dict[str, DemoProfile] = {
     "smoke": replace(
-        DEFAULT, name="smoke", n_images=90, image_size=96, shard_size=45, split_fractions=(0.6, 0.2, 0.2),
+        DEFAULT, name="smoke", n_images=90, image_size=96, shard_size=45, split_fractions=(0.6, 0.2, 0.2), extra_images=30,
         disease=DiseaseTeacherSettings(input_size=64, widths=(8, 16, 32, 32), epochs=2, train_views=1),
         anatomy=AnatomyTeacherSettings(input_size=32, steps=15, batch_size=16),
         patch_size=32, views=2,
@@ -127,6 +132,10 @@ class DemoPaths:
         return self.out / "shards"
 
     @property
+    def extra_shards(self) -> Path:
+        return self.out / "shards-extra"
+
+    @property
     def disease_teacher(self) -> Path:
         return self.out / "teachers" / "disease"
 
@@ -164,6 +173,11 @@ def build_steps(profile: DemoProfile, paths: DemoPaths) -> list[Step]:
     student_branches = {"student": None, "student-disease-only": "disease", "student-anatomy-only": "anatomy"}
     steps = [
         Step("shards", "phantom shards", lambda p: build_phantom_shards(profile, paths, p)),
+    ]
+    if profile.extra_images:
+        steps.append(Step("shards-extra", f"phantom shards for distillation only ({profile.extra_name})",
+                          lambda p: build_extra_shards(profile, paths, p)))
+    steps += [
         Step("teacher-disease", "disease teacher (Keras -> CXR Foundation SavedModel)",
              lambda p: train_disease(profile, paths, p), isolated=True),
         Step("teacher-anatomy", "anatomy teacher (timm -> Adam-v2 checkpoint)", lambda p: train_anatomy(profile, paths, p)),
@@ -205,6 +219,24 @@ def build_phantom_shards(profile: DemoProfile, paths: DemoPaths, on_progress: Pr
                  on_progress=lambda done, shards: on_progress(done, profile.n_images))
 
 
+def build_extra_shards(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressFn) -> None:
+    """`leader shards build phantom --name phantom-extra --seed SEED+1 --option split_fractions={train: 1}`."""
+    from leader.shards.builder import BuildSettings, build_shards
+    from leader.shards.patches import PatchPlan
+
+    settings = BuildSettings(
+        dataset="phantom", name=profile.extra_name, size=profile.image_size, shard_size=profile.shard_size,
+        seed=profile.seed + 1, n=profile.extra_images, patch=PatchPlan(landmark_splits=()),
+        options={"size": profile.image_size, "split_fractions": {"train": 1.0, "val": 0.0, "test": 0.0}})
+    build_shards(settings, paths.extra_shards, workers=profile.workers,
+                 on_progress=lambda done, shards: on_progress(done, profile.extra_images))
+
+
+def student_shards(profile: DemoProfile, paths: DemoPaths) -> list[Path]:
+    """The shard sets the teachers are precomputed over and the student distils from."""
+    return [paths.shards] + ([paths.extra_shards] if profile.extra_images else [])
+
+
 def train_disease(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressFn) -> None:
     from leader.demo.teachers import settings_hash, teacher_is_current, train_disease_teacher
 
@@ -222,16 +254,23 @@ def train_anatomy(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressF
 def precompute_teacher(profile: DemoProfile, paths: DemoPaths, role: str, on_progress: ProgressFn) -> None:
     """`leader precompute --teacher ROLE --shards S --model M --views V --patch-size P [--option ...]`."""
     from leader.precompute.run import precompute
+    from leader.shards.manifest import Manifest
 
     if role == "disease":
         model, options = paths.disease_teacher, {}
     else:
         model, options = paths.anatomy_teacher, {"arch": profile.anatomy.arch, "input_size": profile.anatomy.input_size}
-    result = precompute(paths.shards, teacher_name=role, model=str(model), views=profile.views, batch_size=64,
-                        options=options, seed=profile.seed, patch_size=profile.patch_size,
-                        overwrite_teacher=True, on_progress=on_progress)
-    if not result.complete:
-        raise LeaderError(f"precompute of teacher {role!r} stopped before the end; rerun `leader demo` to resume")
+    sets = student_shards(profile, paths)
+    totals = [Manifest.load(s).n_items for s in sets]
+    for i, shards in enumerate(sets):
+        before = sum(totals[:i])
+        result = precompute(shards, teacher_name=role, model=str(model), views=profile.views, batch_size=64,
+                            options=options, seed=profile.seed, patch_size=profile.patch_size,
+                            overwrite_teacher=True,
+                            on_progress=lambda done, total, b=before: on_progress(b + done, sum(totals)))
+        if not result.complete:
+            raise LeaderError(f"precompute of teacher {role!r} over {shards} stopped before the end; "
+                              "rerun `leader demo` to resume")
 
 
 def train_student(profile: DemoProfile, paths: DemoPaths, name: str, only_branch: str | None) -> None:
@@ -245,7 +284,8 @@ def train_student(profile: DemoProfile, paths: DemoPaths, name: str, only_branch
         # The ablation keeps Algorithm 1's data and schedule and drops the other teacher's head.
         overrides += [f"phases.0.branches=[{only_branch}]", f"phases.1.branches=[{only_branch}]"]
     config = Path(profile.student_config)
-    cfg = load_config(config if config.is_absolute() else REPO_ROOT / config, overrides, shards=[str(paths.shards)])
+    cfg = load_config(config if config.is_absolute() else REPO_ROOT / config, overrides,
+                      shards=[str(s) for s in student_shards(profile, paths)])
     run = paths.run(name)
     summary = train(cfg, run, resume=(run / CHECKPOINT_NAME).exists())
     if summary.get("stopped"):
