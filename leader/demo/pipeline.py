@@ -49,8 +49,8 @@ class DemoProfile:
     split_fractions: tuple = (0.7, 0.1, 0.2)    # train, val, test (per patient)
     landmark_splits: tuple = ("test",)          # landmark patches feed only the anatomy evaluation
     workers: int = 2
-    # Images only the student distils from: a second phantom (seed + 1, other patients), built as its
-    # own dataset. The paper's student learns from the images of every dataset while its teachers
+    # Images only the student distils from: a second phantom, built as its own dataset from seed + 1
+    # (other people; the patient ids P000000... repeat, but nothing joins the two sets by patient). The paper's student learns from the images of every dataset while its teachers
     # were trained elsewhere; labels here go unused, and every evaluation runs on the first set.
     extra_images: int = 2000
     extra_name: str = "phantom-extra"
