@@ -252,25 +252,31 @@ def train_anatomy(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressF
 
 
 def precompute_teacher(profile: DemoProfile, paths: DemoPaths, role: str, on_progress: ProgressFn) -> None:
-    """`leader precompute --teacher ROLE --shards S --model M --views V --patch-size P [--option ...]`."""
-    from leader.precompute.run import precompute
+    """`leader precompute --teacher ROLE --shards S --model M --views V --patch-size P [--option ...]`, for
+    each shard set the student distils from, with the teacher loaded once."""
+    from leader.precompute.run import precompute, resolve_teacher
+    from leader.precompute.teachers import create_teacher
     from leader.shards.manifest import Manifest
 
     if role == "disease":
         model, options = paths.disease_teacher, {}
     else:
         model, options = paths.anatomy_teacher, {"arch": profile.anatomy.arch, "input_size": profile.anatomy.input_size}
+    choice = resolve_teacher(role, model=str(model), options=options)
+    teacher = create_teacher(choice.kind, model=choice.model, **choice.options)
     sets = student_shards(profile, paths)
     totals = [Manifest.load(s).n_items for s in sets]
-    for i, shards in enumerate(sets):
-        before = sum(totals[:i])
-        result = precompute(shards, teacher_name=role, model=str(model), views=profile.views, batch_size=64,
-                            options=options, seed=profile.seed, patch_size=profile.patch_size,
-                            overwrite_teacher=True,
-                            on_progress=lambda done, total, b=before: on_progress(b + done, sum(totals)))
-        if not result.complete:
-            raise LeaderError(f"precompute of teacher {role!r} over {shards} stopped before the end; "
-                              "rerun `leader demo` to resume")
+    try:
+        for i, shards in enumerate(sets):
+            before = sum(totals[:i])
+            result = precompute(shards, teacher_name=role, teacher=teacher, views=profile.views, batch_size=64,
+                                seed=profile.seed, patch_size=profile.patch_size, overwrite_teacher=True,
+                                on_progress=lambda done, total, b=before: on_progress(b + done, sum(totals)))
+            if not result.complete:
+                raise LeaderError(f"precompute of teacher {role!r} over {shards} stopped before the end; "
+                                  "rerun `leader demo` to resume")
+    finally:
+        teacher.close()
 
 
 def train_student(profile: DemoProfile, paths: DemoPaths, name: str, only_branch: str | None) -> None:

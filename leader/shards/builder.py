@@ -12,6 +12,7 @@ pre-emption) lets the shard in progress finish, then stops with `BuildStopped`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -326,8 +327,6 @@ class ShardBuilder:
                 sink.write({"__key__": p.key, "json": json.dumps(meta, ensure_ascii=False).encode(), "png": p.png})
         data = buf.getvalue()
         atomic_write_bytes(self.out / name, data)
-        import hashlib
-
         state = {
             "name": name,
             "n_samples": len(samples),

@@ -23,12 +23,12 @@ shards run short cycles over them again rather than stopping early.
 """
 from __future__ import annotations
 
-import tarfile
-
 import hashlib
 import itertools
+import json
 import logging
 import random
+import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -259,8 +259,6 @@ class JoinCacheBlocks:
 
 
 def _json(sample: dict, shard: ShardSource) -> dict:
-    import json
-
     if "json" not in sample or "png" not in sample:
         raise LeaderError(f"shard {shard.url}: sample {sample.get('__key__')!r} lacks its json or png member")
     return json.loads(sample["json"])

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.datasets.fixtures_dicom import write_dicom as dicom_fixture
 from tests.faults.conftest import assert_one_line_error, invoke
 
 
@@ -39,24 +40,10 @@ def write_jpeg(path: Path, pixels: np.ndarray) -> bytes:
 
 
 def write_dicom(path: Path, pixels: np.ndarray | None, photometric: str = "MONOCHROME2") -> None:
-    """A DX radiograph as pydicom writes it; pixels=None leaves out the pixel data."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "DX", "ANON"
-    ds.Rows, ds.Columns = 40, 48
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if pixels is not None:
-        ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    """A 12-bit DX radiograph (the dataset fixtures' writer); pixels=None leaves out the pixel data."""
+    absent = pixels is None
+    dicom_fixture(path, np.zeros((40, 48), np.uint16) if absent else pixels, photometric=photometric,
+                  bits_stored=12, include_pixels=not absent)
 
 
 def box(label: str, x0: float, y0: float, x1: float, y1: float) -> str:
