@@ -10,8 +10,9 @@ import importlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 import torch  # noqa: E402
 import typer  # noqa: E402
@@ -32,14 +33,26 @@ app = typer.Typer(add_completion=False, help="leader's benchmarks: ratios measur
 console = Console(stderr=True)
 
 
-def run_suite(ctx: Context, names: tuple[str, ...] = BENCHMARKS) -> tuple[list[Figure], dict[str, float]]:
-    figures, seconds = [], {}
+def run_suite(ctx: Context, names: tuple[str, ...] = BENCHMARKS,
+              after_each: Callable[[list[Figure], dict, dict], None] = lambda *_: None,
+              ) -> tuple[list[Figure], dict[str, float], dict[str, str]]:
+    """Run the benchmarks in order; one that fails is logged with its traceback and the rest still run.
+
+    A lent GPU's minutes are few, so one broken benchmark must not cost the others' numbers.
+    `after_each(figures, seconds, errors)` is called after every benchmark (the JSON is rewritten there).
+    """
+    figures, seconds, errors = [], {}, {}
     for name in names:
         start = time.perf_counter()
         ctx.log(f"[bold]{name}[/bold]")
-        figures += importlib.import_module(f"benchmarks.{name}").run(ctx)
+        try:
+            figures += importlib.import_module(f"benchmarks.{name}").run(ctx)
+        except Exception as exc:  # noqa: BLE001 - recorded, reported and turned into the exit status
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            console.print(f"[red]{name} failed[/red]\n{traceback.format_exc()}")
         seconds[name] = round(time.perf_counter() - start, 1)
-    return figures, seconds
+        after_each(figures, seconds, errors)
+    return figures, seconds, errors
 
 
 def table(figures: list[Figure]) -> Table:
@@ -64,6 +77,8 @@ def run(
     only: list[str] = typer.Option([], "--only", help=f"run only these benchmarks (repeatable): {', '.join(BENCHMARKS)}"),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="keep the generated data here (default: a temporary directory)"),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0: torch's default on cuda, 1 on cpu)"),
+    profile_name: Optional[str] = typer.Option(None, "--profile", help="sizes by name instead of by device: "
+                                               "cpu-quick, cpu-full, cuda, cuda-smoke (the CUDA models, tiny counts)"),
 ) -> None:
     # On a CPU with as many busy processes as cores, OpenMP threads that spin-wait for each other
     # make torch up to 40x slower (measured here: view replay 0.2 ms -> 8.4 ms per sample at load
@@ -71,7 +86,7 @@ def run(
     if threads or device == "cpu":
         torch.set_num_threads(threads or 1)
     try:
-        profile = choose_profile(device, quick)
+        profile = choose_profile(device, quick, profile_name)
         unknown = sorted(set(only) - set(BENCHMARKS))
         if unknown:
             raise LeaderError(f"--only: unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
@@ -88,8 +103,14 @@ def run(
     facts["torch_threads"] = torch.get_num_threads()
     root = workdir or Path(tempfile.mkdtemp(prefix="leader-bench-"))
     ctx = Context(profile, torch_device, root, log=lambda message: console.log(message))
+    def write(figures: list[Figure], seconds: dict, errors: dict, complete: bool = False) -> None:
+        if out is not None:
+            atomic_write_json(out, {"machine": facts, "profile": profile.to_dict(), "seconds": seconds,
+                                    "complete": complete, "errors": errors,
+                                    "figures": [f.to_dict() for f in figures]})
+
     try:
-        figures, seconds = run_suite(ctx, tuple(b for b in BENCHMARKS if not only or b in only))
+        figures, seconds, errors = run_suite(ctx, tuple(b for b in BENCHMARKS if not only or b in only), write)
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -98,10 +119,12 @@ def run(
     Console().print(table(figures))
     console.print(f"{len(figures)} ratios in {facts['total_seconds']}s on {facts['device']} "
                   f"({facts.get('gpu', facts['cpu'])}, {facts['cpu_count']} CPUs, load {facts['load_average']})")
+    write(figures, seconds, errors, complete=True)
     if out is not None:
-        atomic_write_json(out, {"machine": facts, "profile": profile.to_dict(), "seconds": seconds,
-                                "figures": [f.to_dict() for f in figures]})
         console.print(f"wrote {out}")
+    if errors:
+        console.print(f"error: {len(errors)} benchmark(s) failed: {', '.join(errors)}")
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 set -euo pipefail
 
 WHEELS=${WHEELS:-.whl}
-PACKAGES=(webdataset==1.0.2 braceexpand==0.1.7 zarr==3.1.6 donfig==0.8.1.post1 numcodecs==0.16.6 google-crc32c==1.9.0)
+PACKAGES=(timm==1.0.31 webdataset==1.0.2 braceexpand==0.1.7 zarr==3.1.6 donfig==0.8.1.post1 numcodecs==0.16.6 google-crc32c==1.9.0)
 
 if [[ "${1:-run}" == "fetch" ]]; then
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -30,5 +30,7 @@ fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.log"
+# The one test that needs a GPU: views replayed on CUDA match the CPU's. Its result goes in the log.
+python3 -m pytest -q -p no:cacheprovider tests/test_views.py -k gpu_render 2>&1 | tail -3 | tee -a "$OUT/gpu.log" || true
 timeout "${BENCH_TIMEOUT:-460}" python3 -m benchmarks run --device cuda --workdir /tmp/leader-bench \
     --out "$OUT/gpu.json" 2>&1 | tee -a "$OUT/gpu.log"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import time
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 
 from benchmarks.profiles import Profile
+from leader.errors import LeaderError
 
 
 @dataclass
@@ -76,9 +76,22 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def proc_status_mb(field: str) -> float:
+    """A memory line of /proc/self/status (VmRSS: now, VmHWM: peak), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise LeaderError(f"/proc/self/status has no {field} line (host memory is measured on Linux only)")
+
+
 def peak_rss_mb() -> float:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size since it started its program.
+
+    Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a child started by a big
+    parent reports the parent's size as its own peak. VmHWM belongs to the process's own memory map,
+    which exec replaces.
+    """
+    return proc_status_mb("VmHWM")
 
 
 def directory_bytes(path: Path) -> int:
@@ -86,6 +99,10 @@ def directory_bytes(path: Path) -> int:
 
 
 def git_commit(repo: Path) -> str:
+    """HEAD, marked when the tree has changes; LEADER_BENCH_COMMIT names it where there is no .git
+    (a copy of the tree on a lent GPU machine)."""
+    if os.environ.get("LEADER_BENCH_COMMIT"):
+        return os.environ["LEADER_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, timeout=10)

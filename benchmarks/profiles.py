@@ -42,6 +42,8 @@ class Profile:
     precompute_batch: int
     scale_items: tuple[int, ...]        # manifest sizes for the host-memory benchmark
     row_reads: int                      # single-row reads timed in the cache-cost benchmark
+    loader_batch: int | None = None     # the loader benchmark's batch (None: batch_size). Its epoch must
+                                        # hold many batches per worker, or the timed part is one round.
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,11 +81,30 @@ CUDA = Profile(
     student=ModelSpec("swin_base_patch4_window7_224", 224),
     disease=ModelSpec("tf_efficientnet_l2", None), anatomy=ModelSpec("resnet50", 224),
     loader_workers=(2, 4, 8), pipeline_workers=8, warmup_steps=3, timed_steps=10, precompute_batch=64,
-    scale_items=(1_000, 100_000, 1_000_000), row_reads=300,
+    scale_items=(1_000, 100_000, 1_000_000), row_reads=300, loader_batch=16,
 )
 
 
-def choose_profile(device: str, quick: bool) -> Profile:
+# The CUDA profile's models and shapes at the smallest counts, on any device: a check of the CUDA
+# suite's code path (models build, shapes join, every benchmark ends) before a lent GPU's minutes
+# are spent on it. Its ratios mean nothing.
+CUDA_SMOKE = Profile(
+    name="cuda-smoke", original_size=1024, stored_size=512, distinct_images=2, build_images=8,
+    build_workers=(1, 2), train_images=8, shard_size=4, n_views=2, batch_size=2,
+    student=CUDA.student, disease=CUDA.disease, anatomy=CUDA.anatomy,
+    loader_workers=(0, 2), pipeline_workers=2, warmup_steps=1, timed_steps=1, precompute_batch=2,
+    scale_items=(1_000, 10_000), row_reads=10,
+)
+
+PROFILES = {p.name: p for p in (CPU_QUICK, CPU_FULL, CUDA, CUDA_SMOKE)}
+
+
+def choose_profile(device: str, quick: bool, name: str | None = None) -> Profile:
+    """The named profile, or the one for the device (and --quick) when none is named."""
+    if name:
+        if name not in PROFILES:
+            raise LeaderError(f"--profile must be one of {', '.join(PROFILES)}, got {name!r}")
+        return PROFILES[name]
     if device == "cpu":
         return CPU_QUICK if quick else CPU_FULL
     if device == "cuda":

@@ -104,20 +104,13 @@ def write_synthetic_cache(manifest: Manifest) -> Path:
     return path
 
 
-def current_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise LeaderError("/proc/self/status has no VmRSS line (host memory is measured on Linux only)")
-
-
 def trainer_child(root: Path, steps: int = 6) -> dict:
     """What `leader train` holds in host memory for this shard set: open, plan, build, train a few steps."""
     import itertools
 
     import torch
 
-    from benchmarks.harness import peak_rss_mb
+    from benchmarks.harness import peak_rss_mb, proc_status_mb
     from leader.train.config import config_from_dict
     from leader.train.loader import StreamSpec, phase_batches
     from leader.train.loop import make_optimizer
@@ -126,7 +119,7 @@ def trainer_child(root: Path, steps: int = 6) -> dict:
     from leader.train.step import DistillationStep, StudentInput
 
     torch.set_num_threads(1)
-    baseline = current_rss_mb()            # after the imports: what any torch process holds
+    baseline = proc_status_mb("VmRSS")            # after the imports: what any torch process holds
     cfg = config_from_dict({
         "model": {"name": "resnet18", "image_size": 32, "head_hidden": 32,
                   "kwargs": {"layers": [1, 1, 1, 1], "channels": [8, 8, 16, 16], "stem_width": 8}},

@@ -178,14 +178,16 @@ class Workload:
         return [self.originals / row["path"] for row in read_csv(self.originals / "train.csv")]
 
     # ---- the student -------------------------------------------------------------------------
-    def train_config(self, num_workers: int = 0, branches: tuple[str, ...] = TEACHER_ROLES) -> TrainConfig:
+    def train_config(self, num_workers: int = 0, branches: tuple[str, ...] = TEACHER_ROLES,
+                     batch_size: int | None = None) -> TrainConfig:
         p, cuda = self.profile, self.device.type == "cuda"
+        batch_size = batch_size or p.batch_size
         return config_from_dict({
             "seed": SEED, "target_norm": "l2",
             "model": {"name": p.student.arch, "image_size": p.student.input_size, "kwargs": dict(p.student.kwargs),
                       "head_hidden": 2048 if cuda else 128},
-            "data": {"shards": [str(self.shards)], "caches": [str(self.cache)], "batch_size": p.batch_size,
-                     "num_workers": num_workers, "shuffle_buffer": 4 * p.batch_size},
+            "data": {"shards": [str(self.shards)], "caches": [str(self.cache)], "batch_size": batch_size,
+                     "num_workers": num_workers, "shuffle_buffer": 4 * batch_size},
             "phases": [{"name": "images", "stream": "images", "datasets": "all", "branches": list(branches),
                         "steps": 10_000}],
             "run": {"device": self.device.type, "precision": "bf16", "channels_last": cuda, "compile": False},

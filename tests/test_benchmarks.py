@@ -37,7 +37,8 @@ TOY = replace(
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
     ctx = Context(TOY, torch.device("cpu"), tmp_path_factory.mktemp("bench"), log=lambda message: None)
-    figures, seconds = run_suite(ctx)
+    figures, seconds, errors = run_suite(ctx)
+    assert errors == {}
     return ctx, figures, seconds
 
 
@@ -87,3 +88,27 @@ def test_cli_refuses_an_unknown_device():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--device must be cpu or cuda" in done.stderr
+
+
+def test_a_failing_benchmark_is_reported_and_the_rest_still_run(tmp_path, monkeypatch):
+    import benchmarks.cache_cost
+
+    def broken(ctx):
+        raise RuntimeError("CUDA out of memory (planted)")
+
+    monkeypatch.setattr(benchmarks.cache_cost, "run", broken)
+    ctx = Context(TOY, torch.device("cpu"), tmp_path, log=lambda message: None)
+    snapshots = []
+    figures, seconds, errors = run_suite(ctx, ("cache_cost", "scale"),
+                                         after_each=lambda f, s, e: snapshots.append((len(f), dict(e))))
+    assert errors == {"cache_cost": "RuntimeError: CUDA out of memory (planted)"}
+    assert list(seconds) == ["cache_cost", "scale"]
+    assert {f.benchmark for f in figures} == {"scale"}
+    assert snapshots[0] == (0, errors) and snapshots[1][0] == len(figures)
+
+
+def test_cli_refuses_an_unknown_profile():
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--profile", "huge"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--profile must be one of cpu-quick, cpu-full, cuda, cuda-smoke" in done.stderr
