@@ -72,6 +72,29 @@ def step_times(fn: Callable[[], object], device: torch.device, warmup: int, repe
     return times
 
 
+def interleaved_step_times(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                           repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, timed in rounds (one call of each per round).
+
+    Timing one configuration after another lets whatever drifts during a run (a GPU's clocks rising
+    from idle, autotuning, the allocator growing) favour the later ones; in rounds, every
+    configuration sees the same drift. On a lent H200, timed one after another, the first of three
+    configurations came out 20% slower than the second, which did more work.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

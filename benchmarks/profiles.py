@@ -42,6 +42,7 @@ class Profile:
     precompute_batch: int
     scale_items: tuple[int, ...]        # manifest sizes for the host-memory benchmark
     row_reads: int                      # single-row reads timed in the cache-cost benchmark
+    overhead_epochs: int = 3            # epochs the overhead benchmark streams through the pipeline
     loader_batch: int | None = None     # the loader benchmark's batch (None: batch_size). Its epoch must
                                         # hold many batches per worker, or the timed part is one round.
 

@@ -6,7 +6,7 @@
     online     both teachers run online every step
 
 All three train the same student on the same batches, already on the device; only where the
-targets come from differs. The online teachers run in eval mode without gradients (the official
+targets come from differs. They are timed in rounds, one step of each per round. The online teachers run in eval mode without gradients (the official
 code leaves Adam in train mode, which costs the same forward and gives worse targets).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from benchmarks.harness import Context, Figure, batch_on_device, median, step_times
+from benchmarks.harness import Context, Figure, batch_on_device, interleaved_step_times, median
 from leader.precompute.teachers import Teacher
 from leader.train.loader import StreamSpec, phase_batches
 from leader.train.sources import open_sources
@@ -65,11 +65,11 @@ def run(ctx: Context) -> list[Figure]:
     trainer = work.trainer()
     online = OnlineTargets(work.teachers, ctx.device)
     batches = itertools.cycle(device_batches(ctx, 4))
-    seconds = {}
-    for name, roles in CONFIGS.items():
-        seconds[name] = median(step_times(lambda: trainer.train_step(online(next(batches), roles)), ctx.device,
-                                          p.warmup_steps, p.timed_steps))
-        ctx.log(f"step_rate: {name}: {1 / seconds[name]:.2f} steps/s")
+    steps = {name: (lambda roles=roles: trainer.train_step(online(next(batches), roles))) for name, roles in CONFIGS.items()}
+    seconds = {name: median(t) for name, t in
+               interleaved_step_times(steps, ctx.device, p.warmup_steps, p.timed_steps).items()}
+    for name, s in seconds.items():
+        ctx.log(f"step_rate: {name}: {1 / s:.2f} steps/s")
     detail = {f"{name}_steps_per_s": round(1 / s, 3) for name, s in seconds.items()}
     detail.update(batch=p.batch_size, student=p.student.arch, student_px=p.student.input_size,
                   disease=f"{p.disease.arch}@{work.teachers['disease'].input_size}",

@@ -6,6 +6,7 @@ tiny SavedModel with CXR Foundation's serving signature.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -200,6 +201,38 @@ def test_two_ranks_write_the_same_store_as_one_process(shards, adam, reference, 
     assert rank1.returncode == 0, out
     assert rank0.shards_computed == [0, 2] and "finished [1]" in out
     assert_same_store(path, reference)
+
+
+def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, adam, reference, tmp_path):
+    for threads in (0, 3):
+        path = tmp_path / f"threads-{threads}.zarr"
+        result = precompute(shards, path, kind="adam", model=adam, options=ADAM_OPTIONS, decode_threads=threads,
+                            **SETTINGS)
+        assert result.complete
+        assert_same_store(path, reference)
+    with pytest.raises(LeaderError, match="--decode-threads must be 0 or more"):
+        precompute(shards, tmp_path / "x.zarr", kind="adam", model=adam, options=ADAM_OPTIONS, decode_threads=-1,
+                   **SETTINGS)
+
+    # A shard whose third image is cut short: the thread's failure reaches the loop as one clear line.
+    import tarfile
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shards, damaged)
+    first = damaged / Manifest.load(damaged).shards[0].name
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    pngs = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png")]
+    victim = pngs[min(2, len(pngs) - 1)]
+    member, data = members[victim]
+    members[victim] = (member, data[: len(data) // 2])
+    with tarfile.open(first, "w") as tar:
+        for m, d in members:
+            m.size = len(d)
+            tar.addfile(m, io.BytesIO(d))
+    with pytest.raises(LeaderError, match=rf"sample '{member.name.split('.')[0]}': its stored image does not decode"):
+        precompute(damaged, tmp_path / "damaged.zarr", kind="adam", model=adam, options=ADAM_OPTIONS,
+                   decode_threads=2, **SETTINGS)
 
 
 def test_other_weights_are_refused_verified_and_replaced(shards, adam, reference, tmp_path):

@@ -46,6 +46,7 @@ def precompute_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the view parameters."),
     patch_size: int = typer.Option(224, "--patch-size", help="Side at which patches are cut before their views are rendered."),
     overwrite_teacher: bool = typer.Option(False, "--overwrite-teacher", help="Replace this teacher's embeddings if they came from other weights or settings."),
+    decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding the next images while the teacher runs (default: one per CPU, up to 8; 0: none)."),
 ):
     """Compute one teacher's embeddings for every item and view into the cache. Rerun to resume."""
     if ctx.invoked_subcommand is not None:
@@ -66,7 +67,7 @@ def precompute_command(
         result = precompute(shards, cache_path, teacher_name=teacher, kind=kind, model=model, views=views,
                             batch_size=batch_size, device=device, options=parse_key_values(option), dtype=dtype,
                             allow_remote=allow_remote, on_progress=on_progress, seed=seed, patch_size=patch_size,
-                            config=config, overwrite_teacher=overwrite_teacher)
+                            config=config, overwrite_teacher=overwrite_teacher, decode_threads=decode_threads)
     where = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     typer.echo(f"{teacher}{where}: {len(result.shards_computed)} shards, {result.items} items, {result.views} views "
                f"in {result.seconds:.1f} s ({result.items_per_second:,.1f} items/s); "

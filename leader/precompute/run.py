@@ -4,7 +4,8 @@
 
 For each shard this rank owns (shard i belongs to rank i % world_size) and that is not done yet:
 
-    samples -> item views (the image, then its patches; view v from the cache's params)
+    samples -> decoded pixels (a few threads decode ahead while the teacher runs)
+            -> item views (the image, then its patches; view v from the cache's params)
             -> batches grouped by (bit depth, size) -> teacher.embed -> the shard's block
             -> one write of the block -> done[shard] = True
 
@@ -17,11 +18,14 @@ trainer's `standardize` target normalisation needs.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -35,7 +39,7 @@ from leader.precompute.cache import (
 from leader.precompute.teachers import Teacher, create_teacher
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_shard, to_float
+from leader.shards.reader import Sample, iter_shard, to_float
 from leader.views import ViewSpec, replay_views
 
 log = logging.getLogger(__name__)
@@ -110,14 +114,13 @@ def render_sample_views(image: np.ndarray, patch_boxes: Sequence[Sequence[float]
                         device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Every view of one sample's items, as the precompute and the audit render them.
 
-    image: the stored 2-D uint8/uint16 image. params: (1 + len(patch_boxes), Vt, K), rows in item
+    image: the stored 2-D uint8/uint16 image, or it already in [0, 1] as float32. params: (1 + len(patch_boxes), Vt, K), rows in item
     order. The image is replayed at image_size (None: its stored long side); each patch is cut with
     crop_patch at patch_size first, then replayed at patch_out (None: patch_size).
     Returns one (Vt, 1, S, S) float32 tensor per item, image first.
     """
     n_views = params.shape[1]
-    # To [0, 1] floats on the host: 16-bit integer tensors have few kernels on accelerators.
-    pixels = torch.from_numpy(to_float(image))[None, None].to(device)
+    pixels = _unit_pixels(image, device)[None, None]
     size = int(image_size or max(image.shape))
     views = [replay_views(pixels.expand(n_views, -1, -1, -1), params[0], size)]
     if len(patch_boxes):
@@ -127,6 +130,15 @@ def render_sample_views(image: np.ndarray, patch_boxes: Sequence[Sequence[float]
         out = replay_views(stacked, params[1:].reshape(-1, params.shape[-1]), int(patch_out or patch_size))
         views.extend(out.split(n_views))
     return views
+
+
+def _unit_pixels(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """The image in [0, 1] as float32 on the device. 8-bit pixels travel as bytes (a quarter of the
+    copy) and are scaled there; 16-bit ones are scaled on the host, as 16-bit integer tensors have
+    few kernels on accelerators. Both give to_float's values."""
+    if image.dtype == np.uint8:
+        return torch.from_numpy(image).to(device).float().div_(255.0)
+    return torch.from_numpy(image if image.dtype == np.float32 else to_float(image)).to(device)
 
 
 @dataclass
@@ -252,14 +264,20 @@ def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, tea
                on_progress: Callable[[int, int], None] | None = None, *,
                seed: int = 0, patch_size: int = 224, view_spec: ViewSpec | None = None,
                config: str | Path | dict | None = None, overwrite_teacher: bool = False,
-               teacher: Teacher | None = None) -> PrecomputeResult:
+               teacher: Teacher | None = None, decode_threads: int | None = None) -> PrecomputeResult:
     """Fill `teachers/<teacher_name>` of the cache beside `shards_dir` (or at `cache_path`).
 
     on_progress(items_done, items_total) is called after each shard with this rank's counts.
     teacher: an already loaded Teacher to use instead of creating one from kind/model/options.
+    decode_threads: threads that decode the next images while the teacher runs (None: up to 8, one
+    per CPU; 0: decode in the loop itself).
     """
     if batch_size < 1:
         raise LeaderError(f"--batch-size must be at least 1, got {batch_size}")
+    if decode_threads is None:
+        decode_threads = min(8, os.cpu_count() or 1)
+    if decode_threads < 0:
+        raise LeaderError(f"--decode-threads must be 0 or more, got {decode_threads}")
     rank, world_size = distributed_position(rank, world_size)
     manifest = Manifest.load(shards_dir)
     cache_path = str(cache_path) if cache_path is not None else str(Path(shards_dir) / "cache.zarr")
@@ -279,15 +297,18 @@ def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, tea
                                             seed=seed, patch_size=patch_size)
         cache.ensure_teacher(teacher_name, teacher.describe(), n_views=n_views_teacher, dtype=dtype,
                              replace_mismatched=overwrite_teacher)
-        return _run(cache, manifest, teacher, teacher_name, n_views_teacher, batch_size, device,
-                    rank, world_size, on_progress)
+        with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else \
+                contextlib.nullcontext() as pool:
+            return _run(cache, manifest, teacher, teacher_name, n_views_teacher, batch_size, device,
+                        rank, world_size, on_progress, pool, ahead=batch_size + 2 * decode_threads)
     finally:
         if own_teacher:
             teacher.close()
 
 
 def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n_views: int, batch_size: int,
-         device: str, rank: int, world_size: int, on_progress: Callable[[int, int], None] | None) -> PrecomputeResult:
+         device: str, rank: int, world_size: int, on_progress: Callable[[int, int], None] | None,
+         pool: ThreadPoolExecutor | None = None, ahead: int = 0) -> PrecomputeResult:
     done = cache.is_done(name)
     mine = [i for i in range(len(manifest.shards)) if i % world_size == rank]
     todo = [i for i in mine if not done[i]]
@@ -304,7 +325,7 @@ def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n
             a, b = shard.rows
             if teacher.needs_pixels:
                 block, valid, views_done = _embed_shard(cache, manifest, shard_index, teacher, name, n_views,
-                                                        batch_size, device)
+                                                        batch_size, device, pool, ahead)
             else:
                 block, valid = _import_shard(cache, manifest, shard_index, teacher)
                 views_done = int(valid.sum())
@@ -327,17 +348,18 @@ def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n
 
 
 def _embed_shard(cache: TeacherCache, manifest: Manifest, shard_index: int, teacher: Teacher, name: str,
-                 n_views: int, batch_size: int, device: str) -> tuple[np.ndarray, np.ndarray, int]:
+                 n_views: int, batch_size: int, device: str,
+                 pool: ThreadPoolExecutor | None = None, ahead: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     shard = manifest.shards[shard_index]
     a, b = shard.rows
     keys = cache.read_keys(a, b)
     params = cache.read_params(a, b)[:, :n_views]
     block = np.full((b - a, n_views, teacher.dim), np.nan, dtype=np.float32)
     embedder = _BlockEmbedder(teacher, name, batch_size, block, keys)
-    for sample in _samples_in_order(manifest, shard_index, keys):
+    for sample, pixels in _decoded(_samples_in_order(manifest, shard_index, keys), pool, ahead):
         start = sample.meta["rows"][0] - a
         n_items = 1 + len(sample.meta["patches"])
-        views = render_sample_views(sample.image(), [p["box"] for p in sample.meta["patches"]],
+        views = render_sample_views(pixels, [p["box"] for p in sample.meta["patches"]],
                                     params[start:start + n_items], image_size=teacher.input_size,
                                     patch_size=cache.patch_size, patch_out=teacher.input_size, device=device)
         for j, item_views in enumerate(views):
@@ -348,6 +370,42 @@ def _embed_shard(cache: TeacherCache, manifest: Manifest, shard_index: int, teac
         raise LeaderError(f"shard {shard.name}: item {keys[row]!r} got no embedding from teacher {name!r}; "
                           "the shard and the cache's keys disagree")
     return block, np.ones(b - a, dtype=bool), embedder.views_done
+
+
+def _decode(sample: Sample) -> np.ndarray:
+    """The stored pixels, ready for the device: 8-bit as they are, 16-bit already in [0, 1]."""
+    try:
+        image = sample.image()
+        return image if image.dtype == np.uint8 else to_float(image)
+    except (OSError, ValueError, TypeError) as e:        # PIL's errors for a damaged PNG are OSErrors
+        raise LeaderError(f"sample {sample.key!r}: its stored image does not decode ({e}); the shard is "
+                          "damaged, so rebuild it with `leader shards build`") from None
+
+
+def _decoded(samples: Iterator[Sample], pool: ThreadPoolExecutor | None,
+             ahead: int) -> Iterator[tuple[Sample, np.ndarray]]:
+    """Each sample with its decoded pixels (see _decode), in order.
+
+    With a pool, up to `ahead` samples are being decoded while the caller renders and embeds: PNG
+    inflation and the float conversion release the GIL, so the teacher no longer waits for them.
+    """
+    if pool is None:
+        for sample in samples:
+            yield sample, _decode(sample)
+        return
+    queue: deque[tuple[Sample, Future]] = deque()
+    try:
+        for sample in samples:
+            queue.append((sample, pool.submit(_decode, sample)))
+            if len(queue) >= ahead:
+                first, future = queue.popleft()
+                yield first, future.result()
+        while queue:
+            first, future = queue.popleft()
+            yield first, future.result()
+    finally:
+        for _, future in queue:
+            future.cancel()
 
 
 def _samples_in_order(manifest: Manifest, shard_index: int, keys: list[str]) -> Iterator:
