@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu.sh fetch   # HERE, once: the wheels the GPU image lacks -> .whl/ (ignore it in git:
 #                                  #   echo /.whl/ >> .git/info/exclude), then carry ".whl" with the run
 #   bash benchmarks/gpu.sh         # THERE, in the repo root: install .whl/, run, write $OUT/gpu.json + gpu.log
+#                                  #   (BENCH_ARGS="--only step_rate ..." runs a part; LEADER_BENCH_COMMIT
+#                                  #   names the commit, as the copy there has no .git)
 #
 # The GPU image already has torch, torchvision, timm, numpy, pillow, pyyaml, typer, rich and fsspec
 # (/work/.library/device/KINDS.md); leader also needs webdataset and zarr v3 with their pure-Python or
@@ -33,4 +35,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 # The one test that needs a GPU: views replayed on CUDA match the CPU's. Its result goes in the log.
 python3 -m pytest -q -p no:cacheprovider tests/test_views.py -k gpu_render 2>&1 | tail -3 | tee -a "$OUT/gpu.log" || true
 timeout "${BENCH_TIMEOUT:-460}" python3 -m benchmarks run --device cuda --workdir /tmp/leader-bench \
-    --out "$OUT/gpu.json" 2>&1 | tee -a "$OUT/gpu.log"
+    --out "$OUT/gpu.json" ${BENCH_ARGS:-} 2>&1 | tee -a "$OUT/gpu.log"
