@@ -21,48 +21,63 @@ from leader.train.loader import StreamSpec, phase_batches
 from leader.train.sources import open_sources
 
 
-def pipeline_step_times(ctx: Context, trainer) -> list[float]:
-    """Seconds per step of the real pipeline over `overhead_epochs` epochs: waiting for the batch,
-    then the step, synchronised after each step as leader's loop is (it reads the loss and the
-    gradient norm every step)."""
+def pipeline_step_times(ctx: Context, trainer, workers: int, pin_memory: bool) -> list[tuple[float, float]]:
+    """(seconds waiting for the batch, seconds of the step) for every step of the real pipeline over
+    `overhead_epochs` epochs, synchronised after each step as leader's loop is (it reads the loss and
+    the gradient norm every step). The split says whether the input is late or the step is slowed."""
     work, p = ctx.workload, ctx.profile
-    cfg = work.train_config(num_workers=p.pipeline_workers)
+    cfg = work.train_config(num_workers=workers)
     sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())
     spec = StreamSpec.for_phase(sources, cfg.phases[0], cfg, world_size=1)
-    stream = phase_batches(spec, 0, 0, 1, pin_memory=ctx.device.type == "cuda")
+    stream = phase_batches(spec, 0, 0, 1, pin_memory=pin_memory)
     times = []
     try:
-        last = time.perf_counter()
-        for _, batch in itertools.islice(stream, p.overhead_epochs * spec.batches_per_epoch):
+        for _ in range(p.overhead_epochs * spec.batches_per_epoch):
+            start = time.perf_counter()
+            _, batch = next(stream)
+            got = time.perf_counter()
             trainer.train_step(batch)
             synchronize(ctx.device)
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
+            times.append((got - start, time.perf_counter() - got))
     finally:
         stream.close()
     return times
 
 
-def run(ctx: Context) -> list[Figure]:
+def pipeline_figures(ctx: Context, trainer, on_device: float, workers: int, pin_memory: bool,
+                     headline: bool) -> list[Figure]:
     p = ctx.profile
+    times = pipeline_step_times(ctx, trainer, workers, pin_memory)
+    steady = times[max(1, workers):]                    # past the first round: the workers' start-up
+    totals = [wait + step for wait, step in steady]
+    pipeline, mean = median(totals), statistics.fmean(totals)
+    wait, step = median([w for w, _ in steady]), median([s for _, s in steady])
+    how = f"{workers} worker(s){', pinned' if pin_memory else ''}"
+    ctx.log(f"overhead: {how}: {pipeline * 1000:.1f} ms/step through the pipeline (median: {wait * 1000:.1f} waiting "
+            f"for the batch, {step * 1000:.1f} stepping; mean {mean * 1000:.1f} with each epoch's start), "
+            f"{on_device * 1000:.1f} ms on device batches")
+    detail = {"pipeline_ms_per_step": round(pipeline * 1000, 2), "pipeline_mean_ms_per_step": round(mean * 1000, 2),
+              "wait_for_batch_ms": round(wait * 1000, 2), "step_after_batch_ms": round(step * 1000, 2),
+              "device_resident_ms_per_step": round(on_device * 1000, 2), "pipeline_steps_timed": len(steady),
+              "epochs": p.overhead_epochs, "workers": workers, "pin_memory": pin_memory, "batch": p.batch_size}
+    figures = [Figure("overhead", f"pipeline / device-resident step time, {how}", pipeline / on_device, detail,
+                      note=f"median step; {wait * 1000:.1f} ms of it waiting for the batch"
+                           + ("; goal on a GPU: <= 1.05" if headline else ""))]
+    if headline:
+        figures.append(Figure("overhead", "pipeline mean / device-resident step time, epoch starts included",
+                              mean / on_device, detail,
+                              note=f"{len(steady)} steps over {p.overhead_epochs} epochs of {p.train_images} images; "
+                                   "each epoch starts its workers anew"))
+    return figures
+
+
+def run(ctx: Context) -> list[Figure]:
+    p, cuda = ctx.profile, ctx.device.type == "cuda"
     trainer = ctx.workload.trainer()
     resident = itertools.cycle(device_batches(ctx, 4))
     on_device = median(step_times(lambda: trainer.train_step(next(resident)), ctx.device, p.warmup_steps,
                                   p.timed_steps))
-    times = pipeline_step_times(ctx, trainer)
-    steady = times[max(1, p.pipeline_workers):]           # past the first round: the workers' start-up
-    pipeline, mean = median(steady), statistics.fmean(steady)
-    ctx.log(f"overhead: {pipeline * 1000:.1f} ms/step through the pipeline (median; mean {mean * 1000:.1f} with "
-            f"each epoch's start), {on_device * 1000:.1f} ms on device batches")
-    detail = {"pipeline_ms_per_step": round(pipeline * 1000, 2), "pipeline_mean_ms_per_step": round(mean * 1000, 2),
-              "device_resident_ms_per_step": round(on_device * 1000, 2), "pipeline_steps_timed": len(steady),
-              "epochs": p.overhead_epochs, "workers": p.pipeline_workers, "batch": p.batch_size}
-    return [
-        Figure("overhead", f"pipeline / device-resident step time, {p.pipeline_workers} worker(s)",
-               pipeline / on_device, detail, note="median step; goal on a GPU: <= 1.05"),
-        Figure("overhead", "pipeline mean / device-resident step time, epoch starts included",
-               mean / on_device, detail,
-               note=f"{len(steady)} steps over {p.overhead_epochs} epochs of {p.train_images} images; "
-                    "each epoch starts its workers anew"),
-    ]
+    figures = pipeline_figures(ctx, trainer, on_device, p.pipeline_workers, cuda, headline=True)
+    for workers, pin_memory in p.overhead_sweep:        # what the overhead depends on
+        figures += pipeline_figures(ctx, trainer, on_device, workers, pin_memory and cuda, headline=False)
+    return figures

@@ -43,6 +43,7 @@ class Profile:
     scale_items: tuple[int, ...]        # manifest sizes for the host-memory benchmark
     row_reads: int                      # single-row reads timed in the cache-cost benchmark
     overhead_epochs: int = 3            # epochs the overhead benchmark streams through the pipeline
+    overhead_sweep: tuple[tuple[int, bool], ...] = ()   # more (workers, pinned memory) pipelines to time
     loader_batch: int | None = None     # the loader benchmark's batch (None: batch_size). Its epoch must
                                         # hold many batches per worker, or the timed part is one round.
 
@@ -83,6 +84,7 @@ CUDA = Profile(
     disease=ModelSpec("tf_efficientnet_l2", None), anatomy=ModelSpec("resnet50", 224),
     loader_workers=(2, 4, 8), pipeline_workers=8, warmup_steps=3, timed_steps=10, precompute_batch=64,
     scale_items=(1_000, 100_000, 1_000_000), row_reads=300, loader_batch=16,
+    overhead_sweep=((2, True), (4, True), (16, True), (8, False)),
 )
 
 

@@ -30,6 +30,7 @@ TOY = replace(
     student=ModelSpec("resnet18", 32, {"layers": [1, 1, 1, 1], "channels": [8, 8, 16, 16], "stem_width": 8}),
     disease=ModelSpec("test_resnet", None), anatomy=ModelSpec("test_convnext", 32),
     loader_workers=(0, 1), pipeline_workers=1, warmup_steps=1, timed_steps=2, precompute_batch=16,
+    overhead_sweep=((0, False),),
     scale_items=(1_000, 3_000), row_reads=10,
 )
 
@@ -57,6 +58,8 @@ def test_figures_compare_what_the_issue_asks(suite):
     assert {"cached / official-style step rate", "cached / fully online step rate"} <= names
     assert {f"ours / official samples/s, {w} worker(s)" for w in TOY.loader_workers} <= names
     assert "trainer peak RSS, 3,000 / 1,000 items" in names
+    assert {"pipeline / device-resident step time, 1 worker(s)", "pipeline / device-resident step time, 0 worker(s)",
+            "pipeline mean / device-resident step time, epoch starts included"} <= names
     cost = next(f for f in figures if f.name == "compression ratio (raw / stored), disease")
     assert cost.detail["items"] == TOY.train_images and cost.detail["views"] == TOY.n_views
 
