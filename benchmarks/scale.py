@@ -26,7 +26,7 @@ import numpy as np
 from benchmarks.harness import Context, Figure
 from leader.errors import LeaderError
 from leader.io import atomic_write_json, atomic_write_text
-from leader.shards.builder import encode_png
+from leader.shards.png import encode_png
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, Manifest, ShardEntry
 
 REPO = Path(__file__).resolve().parents[1]

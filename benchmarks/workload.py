@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,14 @@ from typing import Callable
 import numpy as np
 import timm
 import torch
+from PIL import Image
 
 from benchmarks.profiles import ModelSpec, Profile
 from leader.errors import LeaderError
 from leader.precompute.cache import TeacherCache, iter_shard_metas
 from leader.precompute.run import PrecomputeResult, precompute
 from leader.precompute.teachers import Teacher, create_teacher
-from leader.shards.builder import BuildSettings, build_shards, encode_png
+from leader.shards.builder import BuildSettings, build_shards
 from leader.shards.manifest import Manifest
 from leader.shards.phantom import PhantomConfig, generate_case, phantom_index
 from leader.train.config import TrainConfig, config_from_dict
@@ -48,7 +50,7 @@ def write_image_folder(folder: Path, n: int, size: int, distinct: int, seed: int
     for image_id, _, _ in phantom_index(distinct, seed, config):
         case = generate_case(image_id, seed, config)
         positives = [name for name, value in case.labels.items() if value == 1]
-        renders.append((encode_png(case.image, 3), "|".join(positives), case.patient_id))
+        renders.append((dataset_png(case.image), "|".join(positives), case.patient_id))
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
@@ -58,6 +60,14 @@ def write_image_folder(folder: Path, n: int, size: int, distinct: int, seed: int
         rows.append({"path": path, "labels": labels, "patient_id": f"{patient}-{i // len(renders)}", "split": "train"})
     write_csv(folder / "labels.csv", rows)
     return folder
+
+
+def dataset_png(image: np.ndarray) -> bytes:
+    """A PNG as public datasets ship them: Pillow's default writer, which picks a filter per row
+    (leader's shards use one filter, which decodes faster; the originals must not get that for free)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

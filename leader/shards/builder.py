@@ -21,7 +21,6 @@ import re
 import shutil
 import signal
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +32,7 @@ import leader
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry
+from leader.shards.png import encode_png
 from leader.shards.patches import (
     PatchPlan,
     PatchSizeHistogram,
@@ -135,12 +135,6 @@ def stretch_16bit(img: np.ndarray) -> np.ndarray:
     if lo == 0 and hi == 65535:
         return img
     return np.rint((img.astype(np.float64) - lo) * (65535.0 / (hi - lo))).astype(np.uint16)
-
-
-def encode_png(img: np.ndarray, compression: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", compress_level=compression)
-    return buf.getvalue()
 
 
 def check_pixels(img) -> str | None:

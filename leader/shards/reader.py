@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from dataclasses import dataclass
@@ -15,10 +14,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
 from leader.errors import LeaderError
 from leader.shards.manifest import Manifest
+from leader.shards.png import decode_png
 
 
 def __getattr__(name):
@@ -41,14 +40,6 @@ class Sample:
 
     def item_keys(self) -> list[str]:
         return [self.key] + [f"{self.key}#p{j}" for j in range(len(self.meta["patches"]))]
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.array(im)  # writable, so torch.from_numpy never warns
-    if arr.dtype == np.int32:  # Pillow reads some 16-bit PNGs as mode "I"
-        arr = arr.astype(np.uint16)
-    return arr
 
 
 def to_float(img: np.ndarray) -> np.ndarray:
