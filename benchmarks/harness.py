@@ -60,16 +60,7 @@ def step_times(fn: Callable[[], object], device: torch.device, warmup: int, repe
 
     The device is synchronised around every call, so a CUDA call's time is its kernels' time.
     """
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return interleaved_step_times({"fn": fn}, device, warmup, repeats)["fn"]
 
 
 def interleaved_step_times(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,

@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -65,8 +66,6 @@ def test_figures_compare_what_the_issue_asks(suite):
 
 
 def test_official_targets_hold_the_cached_view_0_embedding(suite):
-    import numpy as np
-
     from leader.precompute.cache import TeacherCache
 
     ctx, _, _ = suite
@@ -115,3 +114,27 @@ def test_cli_refuses_an_unknown_profile():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "--profile must be one of cpu-quick, cpu-full, cuda, cuda-smoke" in done.stderr
+
+
+def test_a_child_process_reports_its_own_peak_memory_not_its_parents():
+    """ru_maxrss would hand a child its parent's peak (the scale benchmark once reported 1011 MB for
+    every manifest size that way); VmHWM does not."""
+    from benchmarks.harness import proc_status_mb
+
+    ballast = np.ones(400 * 2**20, dtype=np.uint8)          # 400 MB this process really holds
+    parent = proc_status_mb("VmRSS")
+    done = subprocess.run([sys.executable, "-c", "from benchmarks.harness import peak_rss_mb; print(peak_rss_mb())"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < parent - 300, (float(done.stdout), parent)
+    del ballast
+
+
+def test_interleaved_timing_times_every_function_in_each_round():
+    from benchmarks.harness import interleaved_step_times
+
+    calls = []
+    times = interleaved_step_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                   torch.device("cpu"), warmup=1, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}

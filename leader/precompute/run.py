@@ -114,8 +114,8 @@ def render_sample_views(image: np.ndarray, patch_boxes: Sequence[Sequence[float]
                         device: str | torch.device = "cpu") -> list[torch.Tensor]:
     """Every view of one sample's items, as the precompute and the audit render them.
 
-    image: the stored 2-D uint8/uint16 image, or it already in [0, 1] as float32. params: (1 + len(patch_boxes), Vt, K), rows in item
-    order. The image is replayed at image_size (None: its stored long side); each patch is cut with
+    image: the stored 2-D uint8/uint16 image, or the same already in [0, 1] as float32.
+    params: (1 + len(patch_boxes), Vt, K), rows in item order. The image is replayed at image_size (None: its stored long side); each patch is cut with
     crop_patch at patch_size first, then replayed at patch_out (None: patch_size).
     Returns one (Vt, 1, S, S) float32 tensor per item, image first.
     """
