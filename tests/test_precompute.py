@@ -203,6 +203,25 @@ def test_two_ranks_write_the_same_store_as_one_process(shards, adam, reference, 
     assert_same_store(path, reference)
 
 
+def test_a_group_renders_exactly_what_each_sample_renders_alone():
+    from leader.precompute.run import render_group_views, render_sample_views
+    from leader.views import sample_view_params
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (96, 96), dtype=np.uint8) for _ in range(3)]
+    boxes = [[[10, 12, 50, 60], [40, 40, 90, 95]], [], [[0, 0, 30, 30]]]
+    params = [sample_view_params(ViewSpec(), 0, [f"s{i}/{j}" for j in range(1 + len(b))], 3)
+              for i, b in enumerate(boxes)]
+    settings = dict(image_size=40, patch_size=48, patch_out=32)
+    grouped = render_group_views(images, boxes, params, **settings)
+    for image, b, p, together in zip(images, boxes, params, grouped):
+        alone = render_sample_views(image, b, p, **settings)
+        assert len(alone) == len(together) == 1 + len(b)
+        for x, y in zip(alone, together):
+            assert x.shape == (3, 1, x.shape[-1], x.shape[-1])
+            assert torch.equal(x, y)
+
+
 def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, adam, reference, tmp_path):
     for threads in (0, 3):
         path = tmp_path / f"threads-{threads}.zarr"

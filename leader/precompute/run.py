@@ -5,7 +5,8 @@
 For each shard this rank owns (shard i belongs to rank i % world_size) and that is not done yet:
 
     samples -> decoded pixels (a few threads decode ahead while the teacher runs)
-            -> item views (the image, then its patches; view v from the cache's params)
+            -> item views (the image, then its patches; view v from the cache's params), rendered
+               for a batch's worth of samples of one image shape at a time
             -> batches grouped by (bit depth, size) -> teacher.embed -> the shard's block
             -> one write of the block -> done[shard] = True
 
@@ -115,21 +116,44 @@ def render_sample_views(image: np.ndarray, patch_boxes: Sequence[Sequence[float]
     """Every view of one sample's items, as the precompute and the audit render them.
 
     image: the stored 2-D uint8/uint16 image, or the same already in [0, 1] as float32.
-    params: (1 + len(patch_boxes), Vt, K), rows in item order. The image is replayed at image_size (None: its stored long side); each patch is cut with
-    crop_patch at patch_size first, then replayed at patch_out (None: patch_size).
+    params: (1 + len(patch_boxes), Vt, K), rows in item order. The image is replayed at image_size
+    (None: its stored long side); each patch is cut with crop_patch at patch_size first, then
+    replayed at patch_out (None: patch_size).
     Returns one (Vt, 1, S, S) float32 tensor per item, image first.
     """
-    n_views = params.shape[1]
-    pixels = _unit_pixels(image, device)[None, None]
-    size = int(image_size or max(image.shape))
-    views = [replay_views(pixels.expand(n_views, -1, -1, -1), params[0], size)]
-    if len(patch_boxes):
-        boxes = np.asarray(patch_boxes, dtype=np.float64)
-        crops = crop_patch(pixels, boxes, int(patch_size))                          # (P, 1, ps, ps)
-        stacked = crops.repeat_interleave(n_views, dim=0)                            # patch-major, view-minor
-        out = replay_views(stacked, params[1:].reshape(-1, params.shape[-1]), int(patch_out or patch_size))
-        views.extend(out.split(n_views))
-    return views
+    return render_group_views([image], [patch_boxes], [params], image_size=image_size, patch_size=patch_size,
+                              patch_out=patch_out, device=device)[0]
+
+
+def render_group_views(images: Sequence[np.ndarray], patch_boxes: Sequence[Sequence[Sequence[float]]],
+                       params: Sequence[np.ndarray], *, image_size: int | None, patch_size: int = 224,
+                       patch_out: int | None = None, device: str | torch.device = "cpu") -> list[list[torch.Tensor]]:
+    """render_sample_views for several samples at once: one copy to the device and one replay for
+    all their image views, one replay for all their patch views.
+
+    The images must share their shape and dtype. A view renders the same alone as in any batch
+    (see warp_affine), so grouping changes no pixel; it saves the per-call cost, which dominated the
+    precompute of a fast teacher (one replay call per sample).
+    Returns, per sample, what render_sample_views returns.
+    """
+    n_views = params[0].shape[1]
+    pixels = _unit_pixels(np.stack(images), device)[:, None]                     # (B, 1, H, W)
+    size = int(image_size or max(images[0].shape))
+    image_params = np.stack([p[0] for p in params]).reshape(-1, params[0].shape[-1])
+    image_views = replay_views(pixels.repeat_interleave(n_views, dim=0), image_params, size).split(n_views)
+    out = [[views] for views in image_views]
+    owners, crops, crop_params = [], [], []
+    for i, boxes in enumerate(patch_boxes):
+        if len(boxes):
+            crops.append(crop_patch(pixels[i:i + 1], np.asarray(boxes, dtype=np.float64), int(patch_size)))
+            crop_params.append(params[i][1:].reshape(-1, params[i].shape[-1]))   # patch-major, view-minor
+            owners += [i] * len(boxes)
+    if crops:
+        stacked = torch.cat(crops).repeat_interleave(n_views, dim=0)
+        patch_views = replay_views(stacked, np.concatenate(crop_params), int(patch_out or patch_size))
+        for owner, views in zip(owners, patch_views.split(n_views)):
+            out[owner].append(views)
+    return out
 
 
 def _unit_pixels(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
@@ -356,14 +380,28 @@ def _embed_shard(cache: TeacherCache, manifest: Manifest, shard_index: int, teac
     params = cache.read_params(a, b)[:, :n_views]
     block = np.full((b - a, n_views, teacher.dim), np.nan, dtype=np.float32)
     embedder = _BlockEmbedder(teacher, name, batch_size, block, keys)
+    group: list[tuple[dict, np.ndarray]] = []           # samples of one image shape and dtype, rendered together
+
+    def render_group() -> None:
+        starts = [meta["rows"][0] - a for meta, _ in group]
+        rendered = render_group_views(
+            [pixels for _, pixels in group], [[p["box"] for p in meta["patches"]] for meta, _ in group],
+            [params[start:start + 1 + len(meta["patches"])] for start, (meta, _) in zip(starts, group)],
+            image_size=teacher.input_size, patch_size=cache.patch_size, patch_out=teacher.input_size, device=device)
+        for start, (meta, _), views in zip(starts, group, rendered):
+            for j, item_views in enumerate(views):
+                embedder.add(start + j, item_views, int(meta.get("bits", 8)))
+        group.clear()
+
+    group_size = max(1, batch_size // n_views)
     for sample, pixels in _decoded(_samples_in_order(manifest, shard_index, keys), pool, ahead):
-        start = sample.meta["rows"][0] - a
-        n_items = 1 + len(sample.meta["patches"])
-        views = render_sample_views(pixels, [p["box"] for p in sample.meta["patches"]],
-                                    params[start:start + n_items], image_size=teacher.input_size,
-                                    patch_size=cache.patch_size, patch_out=teacher.input_size, device=device)
-        for j, item_views in enumerate(views):
-            embedder.add(start + j, item_views, int(sample.meta.get("bits", 8)))
+        if group and (pixels.shape, pixels.dtype) != (group[0][1].shape, group[0][1].dtype):
+            render_group()
+        group.append((sample.meta, pixels))
+        if len(group) == group_size:
+            render_group()
+    if group:
+        render_group()
     embedder.flush()
     if np.isnan(block).any():
         row = int(np.flatnonzero(np.isnan(block).any(axis=(1, 2)))[0])
