@@ -71,3 +71,19 @@ def test_encode_refuses_what_shards_never_hold():
         encode_png(np.zeros((4, 4, 3), np.uint8), 3)
     with pytest.raises(ValueError, match="2-D uint8 or uint16"):
         encode_png(np.zeros((4, 4), np.float32), 3)
+
+
+def test_a_header_that_lies_about_the_size_is_not_inflated_past_it():
+    """IDAT holding far more than IHDR declares (a decompression bomb's shape) goes to Pillow,
+    which reads only the rows the header declares, instead of being inflated whole."""
+    image = random_image(np.uint8, (4, 4))
+    data = encode_png(image, 3)
+    bomb_rows = np.zeros((4096, 4097), np.uint8)
+    bomb_rows[:, 0] = 2
+    at = data.index(b"IDAT") - 4
+    (length,) = struct.unpack_from(">I", data, at)
+    body = zlib.compress(bomb_rows.tobytes(), 9)
+    chunk = struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body))
+    lying = data[:at] + chunk + data[at + 12 + length:]
+    assert _decode_up_filtered(lying) is None
+    assert decode_png(lying).shape == (4, 4)

@@ -72,17 +72,21 @@ def _decode_up_filtered(data: bytes) -> np.ndarray | None:
     width, height, bits, color, _, _, interlace = header
     if color != GRAYSCALE or bits not in (8, 16) or interlace:
         return None
+    if not 0 < width * height <= (Image.MAX_IMAGE_PIXELS or 2**62):
+        return None                                      # Pillow's decompression-bomb rules apply
+    row_bytes = width * bits // 8
+    expected = height * (row_bytes + 1)
     compressed = b"".join(idat)
     try:
         # The first row's filter byte first: a PNG from another writer rarely starts with Up or
         # None, and is then handed to Pillow without being inflated twice.
         if zlib.decompressobj().decompress(compressed, 1) not in (bytes([FILTER_UP]), bytes([FILTER_NONE])):
             return None
-        raw = zlib.decompress(compressed)
+        inflate = zlib.decompressobj()
+        raw = inflate.decompress(compressed, expected + 1)   # never more than the header promises
     except zlib.error:
         return None
-    row_bytes = width * bits // 8
-    if len(raw) != height * (row_bytes + 1):
+    if len(raw) != expected or not inflate.eof:
         return None
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, row_bytes + 1)
     filters = rows[:, 0]
