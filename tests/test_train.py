@@ -223,6 +223,30 @@ def test_a_weight_average_is_what_the_run_hands_out(phantom_shards, train_cache,
         load_config(DEMO, ["optim.ema_decay=1"])
 
 
+def test_compiled_student_trains_the_same_and_saves_plain_weights(phantom_shards, train_cache, tmp_path,
+                                                                 monkeypatch):
+    """run.compile (torch.compile of the student, the lever for a launch-bound GPU step): the same
+    losses as eager, and a checkpoint without torch.compile's `_orig_mod.` key prefix."""
+    short = [*SHORT, "phases.0.steps=3", "phases.1.steps=3"]
+    with one_thread():
+        train(config(phantom_shards, train_cache, *short), tmp_path / "eager")
+        compiled_nets = []
+        real_compile = torch.compile
+
+        def spy(net, *args, **kwargs):
+            compiled_nets.append(net)
+            return real_compile(net, *args, **kwargs)
+
+        monkeypatch.setattr(torch, "compile", spy)
+        train(config(phantom_shards, train_cache, *short, "run.compile=true"), tmp_path / "compiled")
+    assert len(compiled_nets) == 2                      # the student of each phase
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert list(compiled) == list(eager) == list(range(1, 7))
+    np.testing.assert_allclose(list(compiled.values()), list(eager.values()), rtol=1e-3)
+    checkpoint = torch.load(tmp_path / "compiled" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["model"] and not any("_orig_mod" in k for k in checkpoint["model"])
+
+
 def test_ddp_two_gloo_ranks_with_uneven_shards(phantom_shards, train_cache, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
