@@ -42,6 +42,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_group: bool = False          # this run joined the process group, so it leaves it too
 
     @property
     def main(self) -> bool:
@@ -57,9 +58,10 @@ def setup_distributed(device_kind: str) -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed()
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if device_kind == "cuda" else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns_group)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -224,12 +226,18 @@ def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict:
     out = Path(out)
     device = pick_device(cfg.run.device)
     ddp = setup_distributed(device.type)
-    sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())     # refuse bad inputs first
-    checkpoint = prepare_run(cfg, out, resume, ddp)
-    if ddp.active:
-        dist.barrier()
-    with run_log(out, ddp.main):
-        return _train(cfg, out, sources, checkpoint, ddp, device)
+    try:
+        sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())     # refuse bad inputs first
+        checkpoint = prepare_run(cfg, out, resume, ddp)
+        if ddp.active:
+            dist.barrier()
+        with run_log(out, ddp.main):
+            return _train(cfg, out, sources, checkpoint, ddp, device)
+    finally:
+        # Left to interpreter exit, gloo's threads were once torn down mid-flight: a DDP run that
+        # had finished every step aborted with "terminate called without an active exception".
+        if ddp.owns_group:
+            dist.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, out: Path, sources: TrainingSources, checkpoint: dict | None, ddp: Distributed,
