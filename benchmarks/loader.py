@@ -44,7 +44,7 @@ def skip_for(workers: int, n_batches: int) -> int:
 
 def ours_rate(ctx: Context, workers: int) -> float:
     work, cuda = ctx.workload, ctx.device.type == "cuda"
-    cfg = work.train_config(num_workers=workers, batch_size=ctx.profile.loader_batch)
+    cfg = work.train_config(num_workers=workers, batch_size=ctx.profile.loader_batch_size)
     sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())
     spec = StreamSpec.for_phase(sources, cfg.phases[0], cfg, world_size=1)
     student_input = StudentInput(cfg.model.image_size, sources.patch_size(), cfg.model.in_chans, tuple(cfg.model.mean),
@@ -65,8 +65,7 @@ def ours_rate(ctx: Context, workers: int) -> float:
 
 def official_rate(ctx: Context, workers: int) -> float:
     p, work, cuda = ctx.profile, ctx.workload, ctx.device.type == "cuda"
-    batch_size = p.loader_batch or p.batch_size
-    loader = official_loader(work.training_images(), work.official_targets, p.student.input_size, batch_size,
+    loader = official_loader(work.training_images(), work.official_targets, p.student.input_size, p.loader_batch_size,
                              workers, pin_memory=cuda)
 
     def deliver(batch):
@@ -74,7 +73,7 @@ def official_rate(ctx: Context, workers: int) -> float:
         return pixels.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
 
     n = len(loader)
-    return steady_rate(iter(loader), deliver, n, skip_for(workers, n), batch_size, ctx.device)
+    return steady_rate(iter(loader), deliver, n, skip_for(workers, n), p.loader_batch_size, ctx.device)
 
 
 def replay_share(ctx: Context) -> float:
@@ -109,7 +108,7 @@ def run(ctx: Context) -> list[Figure]:
     detail = {**{f"ours_samples_per_s_{w}_workers": round(r, 1) for w, r in ours.items()},
               **{f"official_samples_per_s_{w}_workers": round(r, 1) for w, r in theirs.items()},
               "view_replay_ms_per_sample": round(replay_ms, 3), "original_px": p.original_size,
-              "stored_px": p.stored_size, "student_px": p.student.input_size, "batch": p.loader_batch or p.batch_size}
+              "stored_px": p.stored_size, "student_px": p.student.input_size, "batch": p.loader_batch_size}
     figures = [Figure("loader", f"ours / official samples/s, {w} worker(s)", ours[w] / theirs[w], detail,
                       note=f"{ours[w]:.0f} vs {theirs[w]:.0f} samples/s")
                for w in p.loader_workers]

@@ -47,6 +47,10 @@ class Profile:
     loader_batch: int | None = None     # the loader benchmark's batch (None: batch_size). Its epoch must
                                         # hold many batches per worker, or the timed part is one round.
 
+    @property
+    def loader_batch_size(self) -> int:
+        return self.loader_batch or self.batch_size
+
     def to_dict(self) -> dict:
         return asdict(self)
 

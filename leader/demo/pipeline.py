@@ -50,8 +50,9 @@ class DemoProfile:
     landmark_splits: tuple = ("test",)          # landmark patches feed only the anatomy evaluation
     workers: int = 2
     # Images only the student distils from: a second phantom, built as its own dataset from seed + 1
-    # (other people; the patient ids P000000... repeat, but nothing joins the two sets by patient). The paper's student learns from the images of every dataset while its teachers
-    # were trained elsewhere; labels here go unused, and every evaluation runs on the first set.
+    # (other people; the patient ids P000000... repeat, but nothing joins the two sets by patient).
+    # The paper's student learns from the images of every dataset while its teachers were trained
+    # elsewhere; labels here go unused, and every evaluation runs on the first set.
     extra_images: int = 2000
     extra_name: str = "phantom-extra"
     # teachers and cache
@@ -207,29 +208,27 @@ def build_steps(profile: DemoProfile, paths: DemoPaths) -> list[Step]:
 
 
 def build_phantom_shards(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressFn) -> None:
-    from leader.shards.builder import BuildSettings, build_shards
-    from leader.shards.patches import PatchPlan
-
     train, val, test = profile.split_fractions
-    settings = BuildSettings(
-        dataset="phantom", size=profile.image_size, shard_size=profile.shard_size, seed=profile.seed,
-        n=profile.n_images, patch=PatchPlan(landmark_splits=tuple(profile.landmark_splits)),
-        options={"size": profile.image_size, "split_fractions": {"train": train, "val": val, "test": test}})
-    build_shards(settings, paths.shards, workers=profile.workers,
-                 on_progress=lambda done, shards: on_progress(done, profile.n_images))
+    _build_phantom(profile, paths.shards, None, profile.seed, profile.n_images, tuple(profile.landmark_splits),
+                   {"train": train, "val": val, "test": test}, on_progress)
 
 
 def build_extra_shards(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressFn) -> None:
     """`leader shards build phantom --name phantom-extra --seed SEED+1 --option split_fractions={train: 1}`."""
+    _build_phantom(profile, paths.extra_shards, profile.extra_name, profile.seed + 1, profile.extra_images, (),
+                   {"train": 1.0, "val": 0.0, "test": 0.0}, on_progress)
+
+
+def _build_phantom(profile: DemoProfile, out: Path, name: str | None, seed: int, n: int, landmark_splits: tuple,
+                   split_fractions: dict, on_progress: ProgressFn) -> None:
     from leader.shards.builder import BuildSettings, build_shards
     from leader.shards.patches import PatchPlan
 
     settings = BuildSettings(
-        dataset="phantom", name=profile.extra_name, size=profile.image_size, shard_size=profile.shard_size,
-        seed=profile.seed + 1, n=profile.extra_images, patch=PatchPlan(landmark_splits=()),
-        options={"size": profile.image_size, "split_fractions": {"train": 1.0, "val": 0.0, "test": 0.0}})
-    build_shards(settings, paths.extra_shards, workers=profile.workers,
-                 on_progress=lambda done, shards: on_progress(done, profile.extra_images))
+        dataset="phantom", name=name, size=profile.image_size, shard_size=profile.shard_size, seed=seed, n=n,
+        patch=PatchPlan(landmark_splits=landmark_splits),
+        options={"size": profile.image_size, "split_fractions": split_fractions})
+    build_shards(settings, out, workers=profile.workers, on_progress=lambda done, shards: on_progress(done, n))
 
 
 def student_shards(profile: DemoProfile, paths: DemoPaths) -> list[Path]:
