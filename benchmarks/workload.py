@@ -28,10 +28,11 @@ from PIL import Image
 
 from benchmarks.profiles import ModelSpec, Profile
 from leader.errors import LeaderError
-from leader.precompute.cache import TeacherCache, iter_shard_metas
+from leader.precompute.cache import TeacherCache
 from leader.precompute.run import PrecomputeResult, precompute
 from leader.precompute.teachers import Teacher, create_teacher
 from leader.shards.builder import BuildSettings, build_shards
+from leader.shards.layout import iter_shard_metas
 from leader.shards.manifest import Manifest
 from leader.shards.phantom import PhantomConfig, generate_case, phantom_index
 from leader.train.config import TrainConfig, config_from_dict

@@ -111,7 +111,7 @@ def test_embed_writes_every_item_and_matches_the_student(demo_run, phantom_shard
     from typer.testing import CliRunner
 
     from leader.shards.manifest import Manifest
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
     from leader.train.commands import app
     from leader.train.embed import embed_items, load_student
     from leader.views import replay_views

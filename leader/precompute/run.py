@@ -35,13 +35,12 @@ import numpy as np
 import torch
 
 from leader.errors import LeaderError
-from leader.precompute.cache import (
-    KIND_CODES, SPLIT_CODES, TeacherCache, iter_shard_metas, local_store_path, utc_now)
+from leader.precompute.cache import TeacherCache, local_store_path, utc_now
 from leader.precompute.teachers import Teacher, create_teacher
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
-from leader.shards.reader import Sample, iter_shard, to_float
-from leader.views import ViewSpec, replay_views
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, Sample, default_cache_path, iter_shard, iter_shard_metas
+from leader.views import ViewSpec, replay_views, to_unit_float
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +158,10 @@ def render_group_views(images: Sequence[np.ndarray], patch_boxes: Sequence[Seque
 def _unit_pixels(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
     """The image in [0, 1] as float32 on the device. 8-bit pixels travel as bytes (a quarter of the
     copy) and are scaled there; 16-bit ones are scaled on the host, as 16-bit integer tensors have
-    few kernels on accelerators. Both give to_float's values."""
+    few kernels on accelerators. Both give to_unit_float's values."""
     if image.dtype == np.uint8:
         return torch.from_numpy(image).to(device).float().div_(255.0)
-    return torch.from_numpy(image if image.dtype == np.float32 else to_float(image)).to(device)
+    return (torch.from_numpy(image) if image.dtype == np.float32 else to_unit_float(image)).to(device)
 
 
 @dataclass
@@ -304,7 +303,7 @@ def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, tea
         raise LeaderError(f"--decode-threads must be 0 or more, got {decode_threads}")
     rank, world_size = distributed_position(rank, world_size)
     manifest = Manifest.load(shards_dir)
-    cache_path = str(cache_path) if cache_path is not None else str(Path(shards_dir) / "cache.zarr")
+    cache_path = str(cache_path if cache_path is not None else default_cache_path(shards_dir))
     if world_size > 1 and local_store_path(cache_path) is None:
         raise LeaderError(f"cache {cache_path} is not on a local file system: {world_size} ranks cannot lock it "
                           "to share its boundary chunks; precompute into a local (or shared POSIX) directory and copy it")
@@ -414,7 +413,7 @@ def _decode(sample: Sample) -> np.ndarray:
     """The stored pixels, ready for the device: 8-bit as they are, 16-bit already in [0, 1]."""
     try:
         image = sample.image()
-        return image if image.dtype == np.uint8 else to_float(image)
+        return image if image.dtype == np.uint8 else to_unit_float(image).numpy()
     except (OSError, ValueError, TypeError) as e:        # PIL's errors for a damaged PNG are OSErrors
         raise LeaderError(f"sample {sample.key!r}: its stored image does not decode ({e}); the shard is "
                           "damaged, so rebuild it with `leader shards build`") from None

@@ -19,7 +19,7 @@ import torch
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_shard
+from leader.shards.layout import item_keys, iter_shard
 from leader.train.averaging import inference_weights
 from leader.train.checkpoint import load_checkpoint
 from leader.train.config import config_from_dict
@@ -114,7 +114,7 @@ def write_embeddings(run: str | Path, shards_dir: str | Path, out: str | Path, h
         heads = ["backbone", *load_checkpoint(run)["head_dims"]]
     arrays = embed_items(run, shards_dir, None, heads, batch_size, device)
     manifest = Manifest.load(shards_dir)
-    keys = [k if j == 0 else f"{k}#p{j - 1}" for k, n in manifest.iter_keys() for j in range(n)]
+    keys = [key for sample_key, n in manifest.iter_keys() for key in item_keys(sample_key, n - 1)]
     buffer = io.BytesIO()
     np.savez(buffer, rows=np.arange(manifest.n_items), keys=np.array(keys), **arrays)
     atomic_write_bytes(out, buffer.getvalue())

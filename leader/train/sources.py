@@ -15,13 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from leader.errors import LeaderError
-from leader.io import join_path
-from leader.precompute.cache import KIND_CODES, SPLIT_CODES, TeacherCache
+from leader.precompute.cache import TeacherCache
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, TRAINING_PATCH_KINDS, default_cache_path
 from leader.shards.manifest import Manifest
 from leader.train.config import PhaseConfig
 
-IMAGE_KINDS = (KIND_CODES["image"],)
-PAIR_KINDS = (KIND_CODES["diseased"], KIND_CODES["healthy"])      # landmark patches never train
 
 
 @dataclass(frozen=True)
@@ -95,7 +93,7 @@ class TrainingSources:
 
     def phase_shards(self, phase: PhaseConfig, splits: list[str]) -> list[ShardSource]:
         codes = [SPLIT_CODES[s] for s in splits]
-        kinds = IMAGE_KINDS if phase.stream == "images" else PAIR_KINDS
+        kinds = [KIND_CODES[k] for k in (("image",) if phase.stream == "images" else TRAINING_PATCH_KINDS)]
         out = []
         for i in self.select(phase):
             s = self.sets[i]
@@ -157,10 +155,6 @@ class TrainingSources:
         }
 
 
-def default_cache(root: str) -> str:
-    return str(join_path(root, "cache.zarr"))
-
-
 def open_sources(shards: list[str], caches: list[str], teachers: list[str]) -> TrainingSources:
     """Open every shard set with its cache and check that they agree with each other and the teachers."""
     if not shards:
@@ -170,7 +164,7 @@ def open_sources(shards: list[str], caches: list[str], teachers: list[str]) -> T
     sets: list[ShardSet] = []
     for i, root in enumerate(shards):
         manifest = Manifest.load(root)
-        cache_path = caches[i] if caches else default_cache(root)
+        cache_path = caches[i] if caches else str(default_cache_path(root))
         cache = TeacherCache.open(cache_path)
         cache.check_against(manifest)
         sets.append(ShardSet(str(root), str(cache_path), manifest, cache,
