@@ -1,6 +1,6 @@
 """Build WebDataset shards from a dataset adapter's records.
 
-    records (adapter) -> load + check + resize + encode (worker pool, in order)
+    records (adapter) -> load + check + resize + encode, masks too (worker pool, in order)
                       -> duplicate check, patch plan, item rows (main process, in order)
                       -> shard-NNNNNN.tar (atomic) + per-shard state -> keys.txt, rejects.jsonl -> manifest.json
 
@@ -32,6 +32,7 @@ import leader
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry
+from leader.shards.masks import MaskError, count_masks, merge_mask_counts, new_mask_counts, store_masks
 from leader.shards.png import encode_png
 from leader.shards.patches import (
     PatchPlan,
@@ -96,6 +97,7 @@ class Prepared:
     png: bytes
     meta: dict
     diseased_fractions: list[float]
+    mask_png: bytes | None = None
 
 
 @dataclass
@@ -199,6 +201,12 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
         return Rejected(index, where, f"split {rec.split!r} is not one of {SPLITS}", rec.key)
     stored = resize_long_side(img, settings.size)
     h, w = stored.shape
+    mask_png = mask_meta = None
+    if rec.masks is not None:
+        try:
+            mask_png, mask_meta = store_masks(rec.masks(height, width), (height, width), (h, w), settings.png_compression)
+        except MaskError as e:
+            return Rejected(index, where, f"bad mask: {e}", rec.key)
     patches = diseased_patches(boxes, w, h, settings.patch)
     meta = {
         "key": rec.key,
@@ -220,8 +228,10 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
         "rows": None,
         "extra": rec.extra,
     }
+    if mask_meta is not None:
+        meta["mask"] = mask_meta
     fractions = [(p["box"][2] - p["box"][0]) / max(w, h) for p in patches]
-    return Prepared(index, rec.key, encode_png(stored, settings.png_compression), meta, fractions)
+    return Prepared(index, rec.key, encode_png(stored, settings.png_compression), meta, fractions, mask_png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +306,7 @@ class ShardBuilder:
                 self.histogram.add(f)
         row_start = self.next_row
         keys, label_counts, splits, patch_counts = [], {}, {}, {}
+        mask_counts = new_mask_counts()
         buf = io.BytesIO()
         with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
             for p in samples:
@@ -318,7 +329,11 @@ class ShardBuilder:
                 for label, v in meta["labels"].items():
                     c = label_counts.setdefault(label, {"pos": 0, "neg": 0, "unknown": 0})
                     c["pos" if v == 1 else "neg" if v == 0 else "unknown"] += 1
-                sink.write({"__key__": p.key, "json": json.dumps(meta, ensure_ascii=False).encode(), "png": p.png})
+                sample = {"__key__": p.key, "json": json.dumps(meta, ensure_ascii=False).encode(), "png": p.png}
+                if p.mask_png is not None:
+                    sample["mask.png"] = p.mask_png
+                    count_masks(mask_counts, meta["mask"])
+                sink.write(sample)
         data = buf.getvalue()
         atomic_write_bytes(self.out / name, data)
         state = {
@@ -336,6 +351,7 @@ class ShardBuilder:
             "label_counts": label_counts,
             "splits": splits,
             "patch_counts": patch_counts,
+            "mask_counts": mask_counts,
             "landmark_names": list(self.landmark_names),
         }
         # The state is written after the tar: a state file always describes a complete shard.
@@ -423,6 +439,12 @@ class ShardBuilder:
             for k, v in s["splits"].items():
                 splits[k] = splits.get(k, 0) + v
         label_names = list(self.adapter.label_names) or sorted(label_counts)
+        mask_classes = list(getattr(self.adapter, "mask_classes", None) or [])
+        masks = merge_mask_counts([s.get("mask_counts") for s in self.completed], mask_classes)
+        if masks["samples"] and not mask_classes:
+            raise RuntimeError(f"adapter {self.s.dataset!r} gives masks but declares no mask_classes")
+        if mask_classes:
+            masks["notes"] = dict(getattr(self.adapter, "mask_notes", None) or {})
         manifest = Manifest(
             root=self.out,
             dataset=self.s.name or self.s.dataset,
@@ -439,7 +461,8 @@ class ShardBuilder:
             label_counts={k: label_counts[k] for k in label_names if k in label_counts},
             shards=[ShardEntry(s["name"], s["n_samples"], s["n_items"], tuple(s["rows"]), s["first_key"], s["last_key"], s["sha256"]) for s in self.completed],
             leader_version=leader.__version__,
-            extra={"patch_counts": patch_counts},
+            extra={"patch_counts": patch_counts, **({"masks": masks} if mask_classes else {})},
+            mask_classes=mask_classes,
         )
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_dict())
         shutil.rmtree(self.state_dir, ignore_errors=True)

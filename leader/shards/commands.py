@@ -156,6 +156,8 @@ def summarize(manifest) -> dict:
         "reject_reasons": dict(reasons.most_common()),
         "size": manifest.build.get("size"),
         "overlap_note": manifest.overlap_note,
+        "mask_classes": manifest.mask_classes,
+        "masks": manifest.extra.get("masks"),
     }
 
 
@@ -176,6 +178,10 @@ def print_summary(summary: dict) -> None:
         for name, c in summary["labels"].items():
             table.add_row(name, str(c["pos"]), str(c["neg"]), str(c["unknown"]))
         console.print(table)
+    if summary.get("mask_classes"):
+        masks = summary["masks"] or {}
+        console.print(f"masks: {masks.get('samples', 0)} samples, classes (bit order) "
+                      + ", ".join(summary["mask_classes"]) + f"; {masks.get('clipped_polygons', 0)} polygons clipped")
     for reason, count in summary["reject_reasons"].items():
         console.print(f"  rejected {count}: {reason}")
     if summary.get("overlap_note"):

@@ -65,6 +65,7 @@ class Manifest:
     shards: list[ShardEntry]
     leader_version: str = ""
     extra: dict = field(default_factory=dict)
+    mask_classes: list[str] = field(default_factory=list)    # bit order of `<key>.mask.png`; [] = no masks
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
@@ -105,6 +106,7 @@ class Manifest:
             shards=[ShardEntry.from_dict(s) for s in d["shards"]],
             leader_version=d.get("leader_version", ""),
             extra=d.get("extra", {}),
+            mask_classes=list(d.get("mask_classes") or []),     # sets built before masks have none
         )
 
     def to_dict(self) -> dict:
@@ -116,6 +118,7 @@ class Manifest:
             "landmark_names": self.landmark_names,
             "has_boxes": self.has_boxes,
             "has_landmarks": self.has_landmarks,
+            "mask_classes": self.mask_classes,
             "overlap_note": self.overlap_note,
             "build": self.build,
             "n_samples": self.n_samples,

@@ -53,6 +53,10 @@ class SourceRecord:
     landmarks: dict[str, tuple[float, float]] | None = None
     view: str | None = None
     extra: dict = field(default_factory=dict)
+    # Segmentation masks, for adapters with `mask_classes`: called in a build worker with the
+    # loaded image's (height, width), it returns a `leader.shards.masks.ClassMasks` or raises
+    # `MaskError` (the sample is then rejected with that reason). It must pickle, as `load` does.
+    masks: Callable[[int, int], object] | None = None
 
     @property
     def key(self) -> str:
@@ -108,6 +112,8 @@ class DatasetAdapter(Protocol):
     has_boxes: bool
     has_landmarks: bool
     overlap_note: str | None
+    # Optional: `mask_classes` (bit order of the masks its records carry) and `mask_notes` (facts
+    # about the masks found while reading, such as the RLE form, written to the manifest).
 
     def records(
         self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None
