@@ -280,10 +280,14 @@ def load_finetune_data(shards_dir, class_names: list[str], image_size: int) -> F
     )
 
 
-def run_finetune(shards_dir, backbone: str, out, *, cfg: FinetuneConfig | None = None, fractions=(1.0,),
-                 seeds: int = 1, image_size: int | None = None, device: str = "cpu", n_boot: int = 1000,
-                 on_epoch: Callable[[int], None] | None = None) -> dict:
-    cfg = cfg or FinetuneConfig()
+def run_finetune(shards_dir, backbone: str, out, *, fractions=(1.0,), seeds: int = 1, image_size: int | None = None,
+                 device: str = "cpu", n_boot: int = 1000, on_epoch: Callable[[int], None] | None = None,
+                 **recipe) -> dict:
+    """Fine-tune `backbone` on a shard set's image labels; recipe: FinetuneConfig's fields (epochs, lr, ...)."""
+    unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
+    if unknown:
+        raise LeaderError(f"finetune: unknown setting(s) {unknown}; known: {sorted(FinetuneConfig.__dataclass_fields__)}")
+    cfg = FinetuneConfig(**recipe)
     source = backbone_source(backbone, image_size)
     class_names = ItemTable.load(shards_dir).label_names
     data = load_finetune_data(shards_dir, class_names, source.image_size)
