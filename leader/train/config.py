@@ -18,9 +18,8 @@ import yaml
 
 from leader.errors import LeaderError
 from leader.io import atomic_write_text
+from leader.network_input import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TARGET_NORMS = ("l2", "standardize", "none")
 STREAMS = ("images", "pairs")
 

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from leader.errors import LeaderError
 from leader.progress import progress, rate_text
+from leader.schedule import warmup_cosine
 from leader.train.averaging import CHECKPOINT_KEY as AVERAGE_KEY, WeightAverage
 from leader.train.checkpoint import (CHECKPOINT_NAME, TrainState, capture_rng, load_checkpoint, remove_interrupted_saves, restore_rng,
                                      save_checkpoint)
@@ -72,15 +73,6 @@ def pick_device(setting: str) -> torch.device:
             raise LeaderError("run.device is cuda but no CUDA device is available")
         setting = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(setting)
-
-
-def lr_at(step: int, total: int, base: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to base * min_ratio at the phase's last step."""
-    warmup = min(warmup, total)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress_ = (step - warmup) / max(1, total - warmup)
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress_)))
 
 
 def make_optimizer(student: Student, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -304,7 +296,7 @@ def _train(cfg: TrainConfig, out: Path, sources: TrainingSources, checkpoint: di
             student.train()
             while state.step_in_phase < total:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state.step_in_phase, total, lr, warmup, cfg.optim.min_lr_ratio)
+                    group["lr"] = warmup_cosine(state.step_in_phase, total, warmup, cfg.optim.min_lr_ratio, base=lr)
                 epoch, samples, parts, grad_norm = optimizer_step(net, step, batches, optimizer, student, cfg.optim, ddp)
                 if average is not None:
                     average.update(student)

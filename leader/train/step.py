@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leader.network_input import normalise_input
 from leader.shards.crop import crop_patch
 from leader.train.model import TargetNorm
 from leader.views import replay_views
@@ -86,12 +87,7 @@ class StudentInput:
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 1, r, r) in [0, 1] -> what the backbone takes: ImageNet-normalised RGB or one channel."""
-        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        if self.in_chans == 1:
-            x = (pixels - mean.mean()) / std.mean()
-        else:
-            x = (pixels.expand(-1, 3, -1, -1) - mean) / std
+        x = normalise_input(pixels, self.in_chans, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def render(self, batch: dict, device: torch.device) -> torch.Tensor:
