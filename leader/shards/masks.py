@@ -27,6 +27,9 @@ from leader.errors import LeaderError
 from leader.shards.png import decode_png, encode_png
 
 MAX_CLASSES = 16
+# Anatomical structures, as the adapters name them; every other mask class marks a finding. The
+# default segmentation target is the union of the findings (`finding_classes`).
+ANATOMY_CLASSES = ("right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle")
 # A mask may be drawn at another resolution than its image (the SCR masks are 1024 px for JSRT's
 # 2048 px images); it must cover the same field, so its sides may differ from the image's by the
 # rounding of one resampling at most.
@@ -50,6 +53,11 @@ class ClassMasks:
     planes: dict[str, np.ndarray]
     clipped_polygons: int = 0
     notes: dict = field(default_factory=dict)
+
+
+def finding_classes(classes: Sequence[str]) -> list[str]:
+    """The mask classes that mark findings (not anatomy), in bit order."""
+    return [c for c in classes if c not in ANATOMY_CLASSES]
 
 
 def mask_dtype(n_classes: int) -> np.dtype:
