@@ -66,7 +66,7 @@ def demo_run(phantom_shards, train_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     with one_thread():
         summary = train(config(phantom_shards, train_cache), out)
-    assert summary == {"stopped": False, "phase": 2, "step_in_phase": 0, "global_step": 200,
+    assert summary == {"stopped": False, "segment": 2, "step_in_segment": 0, "global_step": 200,
                        "samples": 200 * 16, "finished": True}
     return out
 
