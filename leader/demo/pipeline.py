@@ -12,7 +12,7 @@ public command calls, with the arguments a user would type.
 Resuming: a step writes `state/<step>.json` after its outputs are complete, and a rerun skips the
 steps that have one. Steps that run TensorFlow (the disease teacher's training and its precompute)
 run in a child process, `python -m leader.demo.pipeline run-step NAME --out DIR`, because
-TensorFlow and torch do not share a process safely (DESIGN.md); the child reports progress as JSON
+TensorFlow and torch do not share a process safely (docs/design.md, section 2); the child reports progress as JSON
 lines on stdout, and its log goes to `logs/<step>.log`.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ PROFILES: dict[str, DemoProfile] = {
     "full": replace(DEFAULT, name="full", ablations=True),
 }
 
-# The paper's claims in miniature (DESIGN.md section 6), as `leader report --claims` reads them.
+# The paper's claims in miniature (docs/design.md, section 8), as `leader report --claims` reads them.
 # Subjects and references are shell patterns over representation names (run dirs end in these names).
 CLAIMS: list[dict] = [
     {"name": "anatomy: the student separates landmarks far better than the disease teacher",

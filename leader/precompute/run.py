@@ -73,8 +73,10 @@ def resolve_teacher(name: str, kind: str | None = None, model: str | Path | None
         entry = _config_entry(config, name)
     kind = kind or entry.get("kind") or ROLE_KINDS.get(name)
     if not kind:
-        raise LeaderError(f"teacher {name!r} has no default kind; pass --kind (e.g. adam, cxr-foundation, "
-                          f"cxr-foundation-import, timm) or give teachers.{name}.kind in --config")
+        from leader.precompute.teachers import load_all
+
+        raise LeaderError(f"teacher {name!r} has no default kind; pass --kind (one of {', '.join(load_all())}) "
+                          f"or give teachers.{name}.kind in --config")
     model = model if model is not None else entry.get("model")
     merged = {**(entry.get("options") or {}), **(options or {})}
     return TeacherChoice(name, kind, str(model) if model is not None else None, merged)

@@ -1,7 +1,7 @@
 """The training stream: shards + cached targets -> fixed-size uint8/uint16 batches, as named stages.
 
-    stream = StreamSpec.for_phase(sources, phase, cfg, world_size=1)
-    for batch in phase_batches(stream, start_batch=0, rank=0, world_size=1, num_workers=4):
+    spec = StreamSpec.for_phase(sources, phase, cfg, world_size=1)        # workers: cfg.data.num_workers
+    for epoch, batch in phase_batches(spec, start_batch=0, rank=0, world_size=1):
         ...     # batch["image"] (B, 1, S, S) uint8|uint16, batch["targets"]["disease"] (B, D), ...
 
 The pipeline of one (rank, DataLoader worker) reads top to bottom:

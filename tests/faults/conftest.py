@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch  # before anything that may import tensorflow (DESIGN.md)
+import torch  # before anything that may import tensorflow (docs/design.md, section 2)
 import numpy as np
 import pytest
 
