@@ -112,3 +112,11 @@ def test_the_fused_optimizer_takes_the_reference_step():
 def test_positions_saved_before_rounds_carry_over():
     state = TrainState.from_dict({"phase": 1, "step_in_phase": 7, "global_step": 107, "samples": 1712, "finished": False})
     assert (state.segment, state.step_in_segment, state.global_step) == (1, 7, 107)
+
+
+def test_the_paper_config_runs_algorithm_1_in_rounds_with_patches_from_d7_to_d10():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "leader-swinb.yaml", shards=["unused"])
+    assert cfg.schedule.rounds == 100 and cfg.optim.warmup_fraction == 0.1
+    images, pairs = cfg.phases
+    assert (images.stream, images.datasets, images.epochs) == ("images", "all", 1)
+    assert (pairs.stream, sorted(pairs.datasets), pairs.epochs) == ("pairs", ["chestx-det", "node21", "tbx11k", "vindr"], 1)
