@@ -10,7 +10,8 @@ import math
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float = 0.0, base: float = 1.0) -> float:
     """The rate at `step` (0-based) of `total`: base * (step + 1) / warmup during the warm-up, then a
-    cosine from base down to base * min_ratio at the last step. With base 1 it is a factor."""
+    cosine from base that would reach base * min_ratio at step `total`, one past the last. With base
+    1 it is a factor."""
     warmup = min(warmup, total)
     if step < warmup:
         return base * (step + 1) / warmup

@@ -12,7 +12,7 @@ public command calls, with the arguments a user would type.
 Resuming: a step writes `state/<step>.json` after its outputs are complete, and a rerun skips the
 steps that have one. Steps that run TensorFlow (the disease teacher's training and its precompute)
 run in a child process, `python -m leader.demo.pipeline run-step NAME --out DIR`, because
-TensorFlow and torch do not share a process safely (DESIGN.md); the child reports progress as JSON
+TensorFlow and torch do not share a process safely (docs/design.md, section 2); the child reports progress as JSON
 lines on stdout, and its log goes to `logs/<step>.log`.
 """
 from __future__ import annotations
@@ -101,7 +101,7 @@ PROFILES: dict[str, DemoProfile] = {
     "full": replace(DEFAULT, name="full", ablations=True),
 }
 
-# The paper's claims in miniature (DESIGN.md section 6), as `leader report --claims` reads them.
+# The paper's claims in miniature (docs/design.md, section 8), as `leader report --claims` reads them.
 # Subjects and references are shell patterns over representation names (run dirs end in these names).
 CLAIMS: list[dict] = [
     {"name": "anatomy: the student separates landmarks far better than the disease teacher",
@@ -266,7 +266,7 @@ def train_anatomy(profile: DemoProfile, paths: DemoPaths, on_progress: ProgressF
 def precompute_teacher(profile: DemoProfile, paths: DemoPaths, role: str, on_progress: ProgressFn) -> None:
     """`leader precompute --teacher ROLE --shards S --model M --views V --patch-size P [--option ...]`, for
     each shard set the student distils from, with the teacher loaded once."""
-    from leader.precompute.run import precompute, resolve_teacher
+    from leader.precompute.run import CacheLayout, Execution, precompute, resolve_teacher
     from leader.precompute.teachers import create_teacher
     from leader.shards.manifest import Manifest
 
@@ -281,8 +281,9 @@ def precompute_teacher(profile: DemoProfile, paths: DemoPaths, role: str, on_pro
     try:
         for i, shards in enumerate(sets):
             before = sum(totals[:i])
-            result = precompute(shards, teacher_name=role, teacher=teacher, views=profile.views, batch_size=64,
-                                seed=profile.seed, patch_size=profile.patch_size, overwrite_teacher=True,
+            result = precompute(shards, role, teacher, layout=CacheLayout(views=profile.views, seed=profile.seed,
+                                                                          patch_size=profile.patch_size),
+                                execution=Execution(batch_size=64), overwrite_teacher=True,
                                 on_progress=lambda done, total, b=before: on_progress(b + done, sum(totals)))
             if not result.complete:
                 raise LeaderError(f"precompute of teacher {role!r} over {shards} stopped before the end; "

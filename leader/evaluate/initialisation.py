@@ -116,13 +116,13 @@ def timm_source(arch: str, checkpoint: str | None, image_size: int) -> BackboneS
 def run_source(run_dir: str, image_size: int | None) -> BackboneSource:
     if not Path(run_dir).is_dir():
         raise LeaderError(f"fine-tuning: run directory {run_dir} not found")
-    from leader.train.checkpoint import load_checkpoint
+    from leader.train.checkpoint import Checkpoint
     from leader.train.config import config_from_dict
     from leader.train.embed import load_student
 
     student, student_input, _ = load_student(run_dir, device="cpu")
     weights = copy.deepcopy(student.backbone.state_dict())
-    model = config_from_dict(load_checkpoint(run_dir)["config"]).model
+    model = config_from_dict(Checkpoint.load(run_dir).config).model
 
     def build() -> nn.Module:
         net = copy.deepcopy(student.backbone)

@@ -170,7 +170,6 @@ class TeacherCache:
             group.attrs["complete"] = True      # the flag after the data
             return cls(path, group)
 
-    create = create_or_open
 
     # ---- store-level facts ------------------------------------------------------------------
     @property

@@ -1,7 +1,7 @@
 """The training stream: shards + cached targets -> fixed-size uint8/uint16 batches, as named stages.
 
-    stream = StreamSpec.for_phase(sources, phase, cfg, world_size=1)
-    for batch in phase_batches(stream, start_batch=0, rank=0, world_size=1, num_workers=4):
+    spec = StreamSpec.for_phase(sources, phase, cfg, world_size=1)        # workers: cfg.data.num_workers
+    for epoch, batch in phase_batches(spec, start_batch=0, rank=0, world_size=1):
         ...     # batch["image"] (B, 1, S, S) uint8|uint16, batch["targets"]["disease"] (B, D), ...
 
 The pipeline of one (rank, DataLoader worker) reads top to bottom:
@@ -36,7 +36,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from leader.errors import LeaderError
-from leader.shards.layout import TRAINING_PATCH_KINDS, Sample, item_key, iter_shard
+from leader.shards.layout import Sample, item_key, iter_shard
 from leader.shards.png import decode_png
 from leader.train.config import PhaseConfig, TrainConfig
 from leader.train.sources import ShardSource, TrainingSources
@@ -49,6 +49,7 @@ class StreamSpec:
     """Everything a DataLoader worker needs to rebuild a phase's stream (picklable)."""
 
     stream: str                        # "images" | "pairs"
+    patch_kinds: tuple[str, ...]       # the patches paired with their images (pairs stream)
     teachers: tuple[str, ...]
     caches: tuple[str, ...]            # cache path per shard-set index
     shards: tuple[ShardSource, ...]
@@ -66,32 +67,23 @@ class StreamSpec:
     num_workers: int
 
     @classmethod
-    def for_phase(cls, sources: TrainingSources, phase: PhaseConfig, cfg: TrainConfig,
-                  world_size: int) -> "StreamSpec":
-        shards = sources.phase_shards(phase, list(cfg.data.splits))
-        chosen = sources.select(phase)
-        n_views = sources.common_views(phase)
-        online: list[str] = []
-        if n_views == 1:
-            online = sources.approved_families(phase) if cfg.data.online_augment else []
-            log.warning("phase %r: a teacher has only view 0 cached; online augmentation limited to audit-approved "
-                        "families: %s", phase.name, ", ".join(online) or "none (training on view 0 only)")
-        total = sum(s.n_tuples for s in shards)
+    def for_phase(cls, sources: TrainingSources, phase: PhaseConfig, cfg: TrainConfig, world_size: int) -> "StreamSpec":
+        """The phase's stream, from its plan (worked out here, once per phase)."""
+        plan = sources.plan(phase, list(cfg.data.splits), cfg.data.online_augment)
         batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
-        batches = max(accum, total // (world_size * batch) // accum * accum)
+        batches = max(accum, plan.tuples_per_epoch // (world_size * batch) // accum * accum)
         workers = max(1, cfg.data.num_workers)
         units = world_size * workers
-        if len(shards) < units:
+        if len(plan.shards) < units:
             log.warning("phase %r: %d shards for %d rank x worker streams; some shards are read more than once "
-                        "per epoch", phase.name, len(shards), units)
-        caches = [s.cache_path for s in sources.sets]
+                        "per epoch", plan.phase.name, len(plan.shards), units)
+        sets = sources.sets
         return cls(
-            stream=phase.stream, teachers=tuple(phase.branches), caches=tuple(caches), shards=tuple(shards),
-            splits=tuple(cfg.data.splits), seed=int(cfg.seed), n_views=n_views, online_families=tuple(online),
-            view_specs=tuple(s.cache.view_spec.to_dict() for s in sources.sets),
-            view_seeds=tuple(s.cache.seed for s in sources.sets),
-            canvas=max(sources.sets[i].stored_size for i in chosen),
-            batch_size=batch, shuffle_buffer=int(cfg.data.shuffle_buffer), batches_per_epoch=batches,
+            stream=plan.phase.stream, patch_kinds=plan.patch_kinds, teachers=tuple(plan.phase.branches),
+            caches=tuple(s.cache_path for s in sets), shards=plan.shards, splits=tuple(cfg.data.splits),
+            seed=int(cfg.seed), n_views=plan.n_views, online_families=plan.online_families,
+            view_specs=tuple(s.cache.view_spec.to_dict() for s in sets), view_seeds=tuple(s.cache.seed for s in sets),
+            canvas=plan.canvas, batch_size=batch, shuffle_buffer=int(cfg.data.shuffle_buffer), batches_per_epoch=batches,
             units=units, num_workers=int(cfg.data.num_workers),
         )
 
@@ -249,7 +241,7 @@ def expand_to_tuples(spec: StreamSpec):
                 yield image
                 continue
             for j, patch in enumerate(meta["patches"]):
-                if patch["kind"] not in TRAINING_PATCH_KINDS:
+                if patch["kind"] not in spec.patch_kinds:
                     continue
                 p = r + 1 + j
                 yield {**image, "patch_key": item_key(sample.key, j),
