@@ -10,9 +10,15 @@ stopping), shared with segmentation. What is classification's own:
   validation AUC (`leader.evaluate.linear_probe.fit_probe`), copied into the head before anything
   is unfrozen. Fine-tuning thus starts where the linear probe ends, and a random head's first
   gradients cannot wreck the features it was given. `head_init="random"` is plain fine-tuning;
-- the backbone learns at `lr`, the head at 10 x `lr`;
+- the backbone learns at `lr`, the head at 10 x `lr`; the backbone's BatchNorm statistics stay
+  as trained (`keep_norm_stats`), so the features the probe was fitted on do not move under it;
 - multi-label BCE with unknown labels masked out; the epoch with the best validation AUC (mean
   over classes) is tested.
+Why (measured on the default demo's student, test AUC, linear probe 0.777): plain fine-tuning for
+the demo's 3 epochs ended at 0.473, since a random head needs about 10 epochs to rank at all
+(20 epochs: 0.771); LP-FT alone ended at 0.756 whatever the learning rate (3e-5: 0.753), because
+training-mode BatchNorm re-estimated the backbone's statistics (at a learning rate of 1e-12: 0.752);
+LP-FT keeping the statistics: 0.780 after 3 epochs.
 `--fraction` keeps a random subset of TRAIN patients per seed, as for the linear probe; the probe
 that starts the head sees that subset only. The images of all three splits are held in memory at
 the model's resolution: fine-tuning sets are thousands of images, not the pretraining corpus.
@@ -99,6 +105,7 @@ class ClassificationTask:
                  cfg: FinetuneConfig, device: torch.device):
         self.source, self.data, self.classes, self.batch_size = source, data, classes, cfg.batch_size
         self.model = Classifier(source.build(), data.labels["train"].shape[1])
+        self.pretrained = self.model.backbone if source.pretrained else None
         self.images = data.images["train"][train_index]
         self.labels = torch.as_tensor(data.labels["train"][train_index], dtype=torch.float32)
         self.train_keys = [data.keys["train"][i] for i in train_index]

@@ -161,6 +161,7 @@ class SegmentationTask:
         self.source, self.data, self.target, self.size, self.batch_size = source, data, target, size, cfg.batch_size
         self.n_out = 1 if target == "union" else len(data.classes)
         self.model, self.encoder = build_upernet(source, self.n_out, size, cfg.decoder_channels)
+        self.pretrained = self.model.encoder if source.pretrained else None
         self.images = data.images["train"][train_index]
         self.masks = data.masks["train"][train_index]
         self.train_keys = [data.keys["train"][i] for i in train_index]
