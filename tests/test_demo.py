@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from leader.demo.commands import demo
-from leader.demo.pipeline import CLAIMS, PROFILES, build_steps, DemoPaths
+from leader.demo.pipeline import CLAIMS, PROFILES, SEGMENTATION_CLAIMS, build_steps, DemoPaths
 
 
 def demo_app() -> typer.Typer:
@@ -33,7 +33,7 @@ def test_smoke_runs_every_step_and_reports_each_claim(smoke_run):
     steps = [s.name for s in build_steps(PROFILES["smoke"], DemoPaths(out))]
     assert sorted(p.stem for p in (out / "state").glob("*.json")) == sorted(steps)
     report = (out / "report.md").read_text()
-    for claim in CLAIMS:
+    for claim in CLAIMS + SEGMENTATION_CLAIMS:
         verdict = [line for line in report.splitlines() if claim["name"] in line]
         assert len(verdict) == 1 and ("**PASS**" in verdict[0] or "**FAIL**" in verdict[0]), claim["name"]
     assert "smoke profile" in report
@@ -70,6 +70,17 @@ def test_the_student_also_distils_from_the_extra_images_and_is_evaluated_on_the_
     assert config["data"]["shards"] == [str(out / "shards"), str(out / "shards-extra")]
     probe = next((out / "eval" / "linear-probe" / "student").rglob("*.json"))
     assert str(out / "shards-extra") not in probe.read_text()
+
+
+def test_segmentation_fine_tunes_the_student_and_random_weights_on_the_same_labels(smoke_run):
+    out, _ = smoke_run
+    student = json.loads((out / "eval" / "segment" / "student" / "metrics.json").read_text())
+    random = json.loads((out / "eval" / "segment" / "random" / "metrics.json").read_text())
+    assert student["representation"] == f"run:{out / 'student'}" and random["representation"] == f"random:run:{out / 'student'}"
+    assert student["encoder"]["loaded"] > 0 and random["encoder"]["weights"] == "random"
+    assert student["fraction"] == random["fraction"] == 0.1 and student["target"] == "union"
+    assert student["fractions"]["0.1"]["training"][0]["n_train"] == random["fractions"]["0.1"]["training"][0]["n_train"]
+    assert "segment (dice_mean)" in (out / "report.md").read_text()
 
 
 def test_rerun_skips_finished_steps_and_redoes_an_unfinished_one(smoke_run):

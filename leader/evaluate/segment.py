@@ -82,7 +82,8 @@ def choose_classes(shards_dir, mask_classes: list[str], requested: list[str] | N
     if requested:
         unknown = [c for c in requested if c not in mask_classes]
         if unknown:
-            raise LeaderError(f"--classes {','.join(unknown)}: not mask classes of {shards_dir}; it has {', '.join(mask_classes)}")
+            raise LeaderError(f"--classes {','.join(unknown)}: not mask classes of {shards_dir}; "
+                              f"it has {', '.join(mask_classes)}")
         return list(dict.fromkeys(requested))
     findings = finding_classes(mask_classes)
     if not findings:
