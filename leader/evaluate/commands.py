@@ -190,9 +190,11 @@ def segment_command(
                           size=size, epochs=epochs, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
                           patience=patience, decoder_channels=decoder_channels, augment=augment, device=device,
                           n_boot=n_boot, on_epoch=lambda n: bar.advance(task, n))
+    names = metrics["classes"]
+    shown = ", ".join(names) if len(names) <= 3 else f"{len(names)} classes"
     typer.echo(f"segment {metrics['representation']}: pooled Dice {metrics['dice_mean']:.4f} "
                f"[{metrics['dice_ci95'][0]:.4f}, {metrics['dice_ci95'][1]:.4f}], mean per-image Dice "
-               f"{metrics['dice_per_image_mean']:.4f} ({metrics['target']}: {', '.join(metrics['classes'])}; "
+               f"{metrics['dice_per_image_mean']:.4f} ({metrics['target']} of {shown}; "
                f"{time.perf_counter() - started:.1f} s) -> {out / 'metrics.json'}")
 
 
