@@ -24,8 +24,20 @@ precompute_app = typer.Typer(
 cache_app = typer.Typer(help="Inspect and verify a teacher-embedding cache.", no_args_is_help=True)
 
 
+TRUST_HELP = ("Load a cxr-foundation SavedModel even though its graph holds file-system, Python-call or "
+              "network ops (only for a model whose source you trust).")
+
+
 def _default_cache(shards: Path, cache: Optional[str]) -> str:
     return cache if cache else str(shards / "cache.zarr")
+
+
+def _teacher_options(pairs: list[str], trust_model: bool) -> dict:
+    """--option pairs, plus trust_model when --trust-model is given (the cxr-foundation teacher's option)."""
+    options = parse_key_values(pairs)
+    if trust_model:
+        options["trust_model"] = True
+    return options
 
 
 @precompute_app.callback(invoke_without_command=True)
@@ -47,6 +59,7 @@ def precompute_command(
     patch_size: int = typer.Option(224, "--patch-size", help="Side at which patches are cut before their views are rendered."),
     overwrite_teacher: bool = typer.Option(False, "--overwrite-teacher", help="Replace this teacher's embeddings if they came from other weights or settings."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding the next images while the teacher runs (default: one per CPU, up to 8; 0: none)."),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
 ):
     """Compute one teacher's embeddings for every item and view into the cache. Rerun to resume."""
     if ctx.invoked_subcommand is not None:
@@ -65,7 +78,7 @@ def precompute_command(
             bar.update(task, completed=done, total=total, rate=rate_text(done, time.perf_counter() - start, "items"))
 
         result = precompute(shards, cache_path, teacher_name=teacher, kind=kind, model=model, views=views,
-                            batch_size=batch_size, device=device, options=parse_key_values(option), dtype=dtype,
+                            batch_size=batch_size, device=device, options=_teacher_options(option, trust_model), dtype=dtype,
                             allow_remote=allow_remote, on_progress=on_progress, seed=seed, patch_size=patch_size,
                             config=config, overwrite_teacher=overwrite_teacher, decode_threads=decode_threads)
     where = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
@@ -99,6 +112,7 @@ def audit_command(
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a model given as a URL or hub handle."),
     seed: int = typer.Option(0, "--seed", help="Seed of the view parameters (a cache's own seed wins)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
 ):
     """Measure how far each augmentation family moves the teacher's embedding (cosine to the identity view)."""
     from leader.precompute.audit import audit_invariance, format_audit
@@ -113,7 +127,7 @@ def audit_command(
     if cache is not None or (local is not None and (local / "zarr.json").exists()):
         store = TeacherCache.open(cache_path, mode="r+")
     spec, seed = (store.view_spec, store.seed) if store is not None else (ViewSpec(), seed)
-    choice = resolve_teacher(teacher, kind, model, parse_key_values(option), config)
+    choice = resolve_teacher(teacher, kind, model, _teacher_options(option, trust_model), config)
     with create_teacher(choice.kind, model=choice.model, device=device, allow_remote=allow_remote, **choice.options) as t:
         result = audit_invariance(shards, t, name=teacher, n_items=n_items, n_views=views, threshold=threshold,
                                   seed=seed, view_spec=spec, batch_size=batch_size, device=device)
@@ -171,6 +185,7 @@ def verify_command(
     model: Optional[str] = typer.Option(None, "--model", help="Recompute this model's weights fingerprint and compare."),
     kind: Optional[str] = typer.Option(None, "--kind", help="Teacher kind for --model (default: the cache's)."),
     option: list[str] = typer.Option([], "--option", help="Teacher option key=value for --model (repeatable)."),
+    trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print as JSON."),
 ):
     """Check a cache against its shards: keys, done flags, NaN/Inf rows, shapes, fingerprints. Exit 1 on a problem."""
@@ -183,7 +198,7 @@ def verify_command(
     if model is not None:
         if teacher is None:
             raise LeaderError("cache verify: --model needs --teacher NAME (whose fingerprint to compare)")
-        problems += _fingerprint_problems(cache, teacher, model, kind, parse_key_values(option))
+        problems += _fingerprint_problems(cache, teacher, model, kind, _teacher_options(option, trust_model))
     if as_json:
         typer.echo(json.dumps({"cache": path, "shards": str(shards), "ok": not problems, "problems": problems}, indent=1))
     else:
