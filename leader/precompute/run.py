@@ -37,6 +37,7 @@ import torch
 from leader.errors import LeaderError
 from leader.precompute.cache import (
     KIND_CODES, SPLIT_CODES, TeacherCache, iter_shard_metas, local_store_path, utc_now)
+from leader.precompute.locks import teacher_writer
 from leader.precompute.teachers import Teacher, create_teacher
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
@@ -317,14 +318,16 @@ def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, tea
         teacher = create_teacher(choice.kind, model=choice.model, device=device, allow_remote=allow_remote, **choice.options)
     try:
         n_views_teacher = min(views, teacher.max_views) if teacher.max_views else views
-        cache = TeacherCache.create_or_open(cache_path, manifest, n_views=views, view_spec=view_spec or ViewSpec(),
-                                            seed=seed, patch_size=patch_size)
-        cache.ensure_teacher(teacher_name, teacher.describe(), n_views=n_views_teacher, dtype=dtype,
-                             replace_mismatched=overwrite_teacher)
-        with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else \
-                contextlib.nullcontext() as pool:
-            return _run(cache, manifest, teacher, teacher_name, n_views_teacher, batch_size, device,
-                        rank, world_size, on_progress, pool, ahead=batch_size + 2 * decode_threads)
+        # A second writer of this teacher that is not another rank of this run is refused (locks.py).
+        with teacher_writer(cache_path, teacher_name, rank, world_size):
+            cache = TeacherCache.create_or_open(cache_path, manifest, n_views=views, view_spec=view_spec or ViewSpec(),
+                                                seed=seed, patch_size=patch_size)
+            cache.ensure_teacher(teacher_name, teacher.describe(), n_views=n_views_teacher, dtype=dtype,
+                                 replace_mismatched=overwrite_teacher)
+            with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else \
+                    contextlib.nullcontext() as pool:
+                return _run(cache, manifest, teacher, teacher_name, n_views_teacher, batch_size, device,
+                            rank, world_size, on_progress, pool, ahead=batch_size + 2 * decode_threads)
     finally:
         if own_teacher:
             teacher.close()
