@@ -70,7 +70,8 @@ def test_a_flipped_bit_in_an_embedding_chunk_fails_the_read_naming_file_teacher_
     assert "\n" not in message
     assert message.startswith(f"cache {cache_copy}: teacher 'disease': the embeddings of shard(s) ")
     assert str(file) in message and "CRC32C checksum does not match" in message
-    assert f"`leader precompute --teacher disease --shards {cache_copy.parent} --repair`" in message
+    # The cache is not beside its shards here, so the command names both.
+    assert f"`leader precompute --teacher disease --shards <its shards> --cache {cache_copy} --repair`" in message
     assert "1" in message.split("shard(s) ")[1].split(" (rows")[0].split(", ")
 
     # Every reader goes through the same reads: statistics, evaluation features, verify.
@@ -83,6 +84,24 @@ def test_a_flipped_bit_in_an_embedding_chunk_fails_the_read_naming_file_teacher_
     problems = find_problems(cache, Manifest.load(phantom_shards))
     assert any(str(file) in p for p in problems)
     cache.read_block("anatomy", a, b)                       # the other teacher is intact
+
+
+def test_training_stops_in_one_line_naming_the_chunk_even_when_a_loader_worker_meets_it(cache_copy, phantom_shards,
+                                                                                      tmp_path):
+    from leader.train.config import load_config
+    from leader.train.loop import train
+
+    for file in (cache_copy / "teachers/disease/emb/c").iterdir():
+        flip_bit(file / "0" / "0", 9)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                      ["data.num_workers=2", "data.batch_size=4", "phases.0.steps=4", "phases.1.steps=2"],
+                      shards=[str(phantom_shards)], caches=[str(cache_copy)])
+    with one_thread(), pytest.raises(LeaderError) as stopped:
+        train(cfg, tmp_path / "run")
+    message = str(stopped.value)
+    assert "\n" not in message and "DataLoader" not in message
+    assert message.startswith(f"cache {cache_copy}: teacher 'disease': the embeddings of shard(s)")
+    assert f"{cache_copy}/teachers/disease/emb/c/" in message
 
 
 def test_verify_deep_names_every_damaged_chunk_of_every_array(cache_copy, phantom_shards):

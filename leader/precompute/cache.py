@@ -510,7 +510,7 @@ class TeacherCache:
 
     def repair_command(self, name: str) -> str:
         local = local_store_path(self.path)
-        if local is not None and local.name == "cache.zarr":
+        if local is not None and local.name == "cache.zarr" and (local.parent / "manifest.json").exists():
             return f"leader precompute --teacher {name} --shards {local.parent} --repair"
         return f"leader precompute --teacher {name} --shards <its shards> --cache {self.path} --repair"
 

@@ -386,7 +386,21 @@ class PhaseEpoch(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        return iter(wds.DataPipeline(*self.stages(info.id if info is not None else 0)))
+        batches = iter(wds.DataPipeline(*self.stages(info.id if info is not None else 0)))
+        return batches if info is None else _errors_as_items(batches)
+
+
+WORKER_ERROR = "leader_error"
+
+
+def _errors_as_items(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a DataLoader worker: a LeaderError travels to the training process as an item and is
+    raised there as the same one line (torch would re-raise it with the worker's traceback inside
+    its message, a wall of text where the user needs the damaged file's name)."""
+    try:
+        yield from batches
+    except LeaderError as e:
+        yield {WORKER_ERROR: str(e)}
 
 
 def phase_batches(spec: StreamSpec, start_batch: int, rank: int, world_size: int,
@@ -397,5 +411,7 @@ def phase_batches(spec: StreamSpec, start_batch: int, rank: int, world_size: int
         loader = DataLoader(PhaseEpoch(spec, epoch, rank, world_size, offset), batch_size=None,
                             num_workers=spec.num_workers, pin_memory=pin_memory)
         for batch in loader:
+            if WORKER_ERROR in batch:
+                raise LeaderError(batch[WORKER_ERROR])
             yield epoch, batch
         epoch, offset = epoch + 1, 0
