@@ -221,7 +221,9 @@ def test_repair_and_replacement_are_refused_while_another_process_reads_the_teac
                                           r"--repair would change it under that reader"):
         repair_teacher(store, manifest, "disease")
     stored = store.teacher_attrs("disease")
-    other_weights = {**{k: stored[k] for k in ("kind", "dim", "input_size", "preprocessing")}, "fingerprint": "b" * 64}
+    same = {k: stored[k] for k in ("kind", "dim", "input_size", "preprocessing", "fingerprint")}
+    store.ensure_teacher("disease", same, n_views=2, replace_mismatched=True)   # a rerun that replaces nothing
+    other_weights = {**same, "fingerprint": "b" * 64}
     with pytest.raises(LeaderError, match="replacing its embeddings would change it under that reader"):
         store.ensure_teacher("disease", other_weights, n_views=2, replace_mismatched=True)
     assert repair_teacher(store, manifest, "anatomy").shards_reset == []     # a teacher no one reads

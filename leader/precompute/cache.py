@@ -337,7 +337,7 @@ class TeacherCache:
                               f"{self.n_views} per item (use --views <= {self.n_views} or a new --cache)")
         wanted = _plain({**{k: description.get(k) for k in ("kind", "fingerprint", "dim", "preprocessing", "input_size")},
                          "n_views": int(n_views), "dtype": dtype})
-        with store_lock(self.path), no_readers(self.path, name, "replacing its embeddings"):
+        with store_lock(self.path), contextlib.ExitStack() as replacing:
             teachers = self.group.require_group("teachers")
             if name in teachers:
                 stored = dict(teachers[name].attrs)
@@ -348,6 +348,7 @@ class TeacherCache:
                         return
                     if not replace_mismatched:
                         raise LeaderError(_mismatch_message(self.path, name, differences, stored, wanted))
+                    replacing.enter_context(no_readers(self.path, name, "replacing its embeddings"))
             group = teachers.create_group(name, overwrite=True)
             self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"teachers/{name}/")}
             dim, itemsize = int(wanted["dim"]), np.dtype(dtype).itemsize
