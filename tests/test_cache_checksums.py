@@ -21,7 +21,7 @@ from leader.cli import main as leader_main
 from leader.errors import LeaderError
 from leader.precompute.cache import DamagedCache, TeacherCache, find_problems
 from leader.precompute.commands import cache_app
-from leader.precompute.run import precompute, teacher_statistics
+from leader.precompute.run import CacheLayout, Execution, precompute, teacher_statistics
 from leader.shards.manifest import Manifest
 from tests.conftest import one_thread, tiny_teacher
 
@@ -185,8 +185,8 @@ def test_a_cache_written_before_checksums_still_loads_and_says_so(phantom_shards
     monkeypatch.setattr(cache_module, "SMALL_CODECS", (ZstdCodec(level=0),))
     path = tmp_path / "old.zarr"
     with one_thread():
-        precompute(phantom_shards, path, teacher_name="anatomy", teacher=tiny_teacher(tmp_path, "test_resnet"),
-                   views=1, batch_size=64, patch_size=32, decode_threads=0)
+        precompute(phantom_shards, "anatomy", tiny_teacher(tmp_path, "test_resnet"), path,
+                   CacheLayout(views=1, patch_size=32), Execution(batch_size=64, decode_threads=0))
     monkeypatch.undo()
     assert zarr.open_array(str(path / "teachers/anatomy/emb")).compressors[-1].__class__.__name__ == "BloscCodec"
 
@@ -201,8 +201,8 @@ def test_a_cache_written_before_checksums_still_loads_and_says_so(phantom_shards
 
     # A new teacher in an old cache gets checksums of its own.
     with one_thread():
-        precompute(phantom_shards, path, teacher_name="disease", teacher=tiny_teacher(tmp_path, "test_convnext"),
-                   views=1, batch_size=64, patch_size=32, decode_threads=0)
+        precompute(phantom_shards, "disease", tiny_teacher(tmp_path, "test_convnext"), path,
+                   CacheLayout(views=1, patch_size=32), Execution(batch_size=64, decode_threads=0))
     assert TeacherCache.open(path).unchecked_arrays("disease") == []
 
 

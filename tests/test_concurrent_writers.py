@@ -27,7 +27,7 @@ import zarr
 
 from leader.errors import LeaderError
 from leader.precompute.cache import TeacherCache, repair_teacher
-from leader.precompute.run import precompute
+from leader.precompute.run import CacheLayout, Execution, precompute
 from leader.precompute.teachers import create_teacher
 from leader.shards.manifest import Manifest
 from leader.train.metrics import read_metrics
@@ -37,7 +37,7 @@ from tests.teacher_fixtures import make_adam_v2_resnet_checkpoint
 from tests.test_precompute import assert_same_store, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = dict(views=2, batch_size=4, patch_size=32)
+LAYOUT, EXECUTION = CacheLayout(views=2, patch_size=32), Execution(batch_size=4)
 
 # One writer: an Adam-v2 teacher (ResNet-18 at 32 px) precomputing teacher NAME. Its teacher calls
 # wait, before the first one, until teacher AFTER exists in the store ("-": no wait), and, once
@@ -47,7 +47,7 @@ import sys, time
 from pathlib import Path
 import torch
 import zarr
-from leader.precompute.run import precompute
+from leader.precompute.run import CacheLayout, Execution, precompute
 from leader.precompute.teachers import create_teacher
 
 shards, cache, name, model, after, release, delay = sys.argv[1:8]
@@ -64,7 +64,7 @@ def gated_embed(pixels, bits=8):
     return embed(pixels, bits=bits)
 
 teacher.embed = gated_embed
-result = precompute(shards, cache, teacher_name=name, views=2, batch_size=4, patch_size=32, teacher=teacher)
+result = precompute(shards, name, teacher, cache, CacheLayout(views=2, patch_size=32), Execution(batch_size=4))
 print("finished", result.shards_computed, result.complete, flush=True)
 """
 
@@ -128,7 +128,7 @@ def sequential(shards: Path, cache: Path, models: dict, names: list[str]) -> Pat
     with one_thread():
         for name in names:
             teacher = create_teacher("adam", model=models[name], arch="resnet18", input_size=32)
-            assert precompute(shards, cache, teacher_name=name, teacher=teacher, **SETTINGS).complete
+            assert precompute(shards, name, teacher, cache, LAYOUT, EXECUTION).complete
     return cache
 
 
@@ -186,21 +186,21 @@ def test_a_second_writer_of_one_teacher_is_refused_and_a_killed_one_blocks_nothi
     who = f"is being written by pid {first.pid} on {socket.gethostname()} (rank 0 of 1, since "
     for rank, world in ((0, 1), (1, 2)):      # both believe they are rank 0 of 1 / another run's split
         with pytest.raises(LeaderError) as refused:
-            precompute(phantom_shards, cache, teacher_name="anatomy", teacher=teacher, rank=rank,
-                       world_size=world, **SETTINGS)
+            precompute(phantom_shards, "anatomy", teacher, cache, LAYOUT,
+                       Execution(batch_size=4, rank=rank, world_size=world))
         message = str(refused.value)
         assert who in message and f"this process would be rank {rank} of {world}" in message
         assert "\n" not in message and "must be the ranks of one run (RANK/WORLD_SIZE" in message
     # Another teacher of the same store is not affected.
     with one_thread():
         other = create_teacher("adam", model=models["disease"], arch="resnet18", input_size=32)
-        assert precompute(phantom_shards, cache, teacher_name="disease", teacher=other, **SETTINGS).complete
+        assert precompute(phantom_shards, "disease", other, cache, LAYOUT, EXECUTION).complete
 
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     assert (cache / ".leader.writer.anatomy.0").exists()            # what the killed writer left
     with one_thread():
-        resumed = precompute(phantom_shards, cache, teacher_name="anatomy", teacher=teacher, **SETTINGS)
+        resumed = precompute(phantom_shards, "anatomy", teacher, cache, LAYOUT, EXECUTION)
     assert resumed.shards_skipped == [0] and resumed.complete
     assert not list(cache.glob(".leader.writer.*"))                  # released on the way out
     reference = sequential(phantom_shards, tmp_path / "sequential.zarr", models, ["anatomy", "disease"])

@@ -17,7 +17,7 @@ import click
 import typer
 
 from leader.errors import LeaderError
-from leader.options import parse_key_values
+from leader.runtime import parse_key_values
 
 precompute_app = typer.Typer(
     help="Run a teacher once over every item of a shard set into the Zarr teacher cache (resumable; "
@@ -30,7 +30,9 @@ TRUST_HELP = ("Load a cxr-foundation SavedModel even though its graph holds file
 
 
 def _default_cache(shards: Path, cache: Optional[str]) -> str:
-    return cache if cache else str(shards / "cache.zarr")
+    from leader.shards.layout import default_cache_path
+
+    return cache if cache else str(default_cache_path(shards))
 
 
 def _teacher_options(pairs: list[str], trust_model: bool) -> dict:
@@ -69,22 +71,26 @@ def precompute_command(
         return
     if teacher is None or shards is None:
         raise click.UsageError("leader precompute needs --teacher NAME and --shards DIR", ctx=ctx)
-    from leader.precompute.run import missing_summary, precompute
+    from leader.precompute.run import CacheLayout, Execution, missing_summary, precompute, resolve_teacher
+    from leader.precompute.teachers import create_teacher
     from leader.progress import progress, rate_text
+    from leader.runtime import local_device
 
     cache_path = _default_cache(shards, cache)
+    layout = CacheLayout(views=views, seed=seed, patch_size=patch_size, dtype=dtype)
+    execution = Execution(batch_size=batch_size, device=device, decode_threads=decode_threads)
+    choice = resolve_teacher(teacher, kind, model, _teacher_options(option, trust_model), config)
     repairing = _repaired(cache_path, shards, teacher) if repair else contextlib.nullcontext()
     start = time.perf_counter()
-    with repairing, progress() as bar:
+    with repairing, progress() as bar, create_teacher(choice.kind, model=choice.model, device=local_device(device),
+                                                      allow_remote=allow_remote, **choice.options) as loaded:
         task = bar.add_task(f"precompute {teacher}", total=None, rate="")
 
         def on_progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, rate=rate_text(done, time.perf_counter() - start, "items"))
 
-        result = precompute(shards, cache_path, teacher_name=teacher, kind=kind, model=model, views=views,
-                            batch_size=batch_size, device=device, options=_teacher_options(option, trust_model), dtype=dtype,
-                            allow_remote=allow_remote, on_progress=on_progress, seed=seed, patch_size=patch_size,
-                            config=config, overwrite_teacher=overwrite_teacher, decode_threads=decode_threads)
+        result = precompute(shards, teacher, loaded, cache_path, layout, execution,
+                            overwrite_teacher=overwrite_teacher, on_progress=on_progress)
     where = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     typer.echo(f"{teacher}{where}: {len(result.shards_computed)} shards, {result.items} items, {result.views} views "
                f"in {result.seconds:.1f} s ({result.items_per_second:,.1f} items/s); "
@@ -105,10 +111,10 @@ def _repaired(cache_path: str, shards: Path, teacher: str):
     precompute that recomputes it, so that no other writer starts in between."""
     from leader.precompute.cache import TeacherCache, repair_teacher
     from leader.precompute.locks import teacher_writer
-    from leader.precompute.run import distributed_position
+    from leader.runtime import torchrun_position
     from leader.shards.manifest import Manifest
 
-    if distributed_position(None, None)[1] > 1:
+    if torchrun_position().world_size > 1:
         raise LeaderError("--repair runs in one process, but RANK/WORLD_SIZE are set; it recomputes only the "
                           "damaged shards, so one process is enough")
     with teacher_writer(cache_path, teacher, 0, 1):

@@ -4,12 +4,12 @@
     with teacher_writer(path, "disease", rank=0, world_size=1): ...   # a whole precompute
     register_reader(path, "disease")                    # a trainer or evaluation reading a teacher
 
-Measured on zarr 3 on a local file system (tests/test_concurrent_writers.py and the report of the
-change that added this module): chunk and metadata files are replaced atomically, so a reader never
-sees half a file, but attribute updates are read-modify-writes of one zarr.json (two unlocked
-processes updating one group's attributes 150 times each lost half of the keys), and two processes
-creating the first teacher group at once can collide. Every attribute update and group creation
-therefore holds `store_lock`.
+Measured on zarr 3.1 on a local file system: chunk and metadata files are replaced atomically, so a
+reader never sees half a file, but an attribute update is a read-modify-write of one zarr.json (two
+unlocked processes updating one group's attributes 150 times each lost 150 of the 300 keys), and
+two processes creating the first teacher group at once collide (one fails with ContainsGroupError).
+Every attribute update and group creation therefore holds `store_lock`
+(tests/test_concurrent_writers.py checks that nothing is lost through the cache's API).
 
 Writers of one teacher must be distinct ranks of one run: two processes that both believe they are
 rank 0 of 1 would compute every shard twice and race on the done flags and statistics, and one run
