@@ -422,7 +422,7 @@ def _samples_in_order(manifest: Manifest, shard_index: int, keys: list[str]) -> 
     """The shard's samples, checked against the cache's item keys as they stream past."""
     shard = manifest.shards[shard_index]
     a = shard.rows[0]
-    for sample in iter_shard(manifest.path(shard.name)):
+    for sample in iter_shard(manifest.path(shard.name), shard.sha256):
         start, stop = sample.meta["rows"]
         if keys[start - a:stop - a] != sample.item_keys():
             raise LeaderError(f"shard {shard.name}: sample {sample.key!r} at rows {start}-{stop} does not match the "
@@ -437,7 +437,7 @@ def _import_shard(cache: TeacherCache, manifest: Manifest, shard_index: int,
     a, b = shard.rows
     block = np.full((b - a, 1, teacher.dim), np.nan, dtype=np.float32)
     valid = np.zeros(b - a, dtype=bool)
-    metas = list(iter_shard_metas(manifest.path(shard.name)))
+    metas = list(iter_shard_metas(manifest.path(shard.name), shard.sha256))   # image ids: checked bytes only
     image_rows = [m["rows"][0] - a for m in metas]
     embeddings, found = teacher.lookup([m["image_id"] for m in metas])
     block[image_rows, 0] = embeddings
