@@ -134,14 +134,21 @@ def counts_report(counts: dict[str, dict[str, int]], plan: HealthyPlan, rejected
     return {**total, "rejected_inputs": rejected_inputs, "healthy_rule": rule, "by_split": by_split}
 
 
-def shortfall_notes(counts: dict, dataset: str) -> list[str]:
-    """One line saying why healthy patches fall short of the target, or nothing when they do not."""
+def shortfall_notes(counts: dict, dataset: str, max_per_image: int) -> list[str]:
+    """One line saying where and why healthy patches fall short of the target; nothing when they do not."""
     short = counts["healthy_shortfall"]
     if not short:
         return []
     if counts["healthy_candidates"] + counts["rejected_healthy_candidates"] == 0:
         return [f"{dataset}: no image is stated healthy, so its {counts['diseased_patches']} diseased patches "
                 f"have no healthy counterpart (shortfall {short})"]
+    where = []
+    for split, c in counts["by_split"].items():
+        if c["healthy_shortfall"]:
+            images = c["healthy_candidates"]
+            text = f"in {split}, {images} healthy image{'' if images == 1 else 's'} at up to {max_per_image} patches each"
+            if c["rejected_healthy_candidates"]:
+                text += f" ({c['rejected_healthy_candidates']} more rejected when read)"
+            where.append(text)
     return [f"{dataset}: {counts['healthy_patches']} healthy patches for {counts['diseased_patches']} diseased, "
-            f"{short} short of the target {counts['healthy_target']}: {counts['healthy_candidates']} healthy images "
-            f"({counts['rejected_healthy_candidates']} more were rejected when read)"]
+            f"{short} short of the target {counts['healthy_target']}: " + "; ".join(where)]

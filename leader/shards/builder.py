@@ -452,10 +452,12 @@ class ShardBuilder:
         tally_rejects(counts, tail_rejects, self.healthy_plan)
         label_names = list(self.adapter.label_names) or sorted(label_counts)
         counts = counts_report(counts, self.healthy_plan, len(rejects))
-        notes = list(getattr(self.adapter, "notes", [])) + shortfall_notes(counts, self.s.name or self.s.dataset)
+        dataset = self.s.name or self.s.dataset
+        notes = [*getattr(self.adapter, "notes", []),
+                 *shortfall_notes(counts, dataset, self.s.patch.healthy_max_per_image)]
         manifest = Manifest(
             root=self.out,
-            dataset=self.s.name or self.s.dataset,
+            dataset=dataset,
             label_names=label_names,
             landmark_names=list(self.landmark_names),
             has_boxes=bool(self.adapter.has_boxes),
