@@ -17,7 +17,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leader.cli import app
+from leader.errors import LeaderError
 from leader.shards.builder import BuildSettings, build_shards
+from leader.shards.class_sets import select_classes
 from leader.shards.manifest import Manifest
 from leader.shards.patches import PatchPlan
 from leader.shards.reader import iter_samples
@@ -127,6 +129,13 @@ def test_info_on_several_sets_compares_their_counts(phantom_shards, tmp_path):
     assert [r["dataset"] for r in rows] == ["phantom", "phantom-b"] and rows[1]["samples"] == 8
     table = runner.invoke(app, ["shards", "info", str(phantom_shards), str(tmp_path / "b")])
     assert table.exit_code == 0 and "diseased" in table.output and "phantom-b" in table.output
+
+
+def test_a_shard_set_without_class_sets_refuses_a_preset(phantom_shards):
+    manifest = Manifest.load(phantom_shards)
+    assert manifest.class_sets == {} and select_classes(manifest, "all").names == manifest.label_names
+    with pytest.raises(LeaderError, match="phantom: no class set or class 'paper'; class sets: all"):
+        select_classes(manifest, "paper")
 
 
 def few_normal_images(root: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import HARMONISED, SOURCE, ClassSelection, select_classes
 from leader.shards.datasets import create_dataset
 
 from .fixtures_files import build_with_cli, check_record, collect, radiograph, reject_reasons, write_json, write_png
@@ -115,3 +116,25 @@ def test_cli_build(chestx_det_root, tmp_path):
     assert manifest.class_sets["paper"] == {"names": manifest.source_class_names, "labels": "source",
                                             "about": "ChestX-Det's 13 classes"}
     assert len(rejects) == 4
+
+
+def test_class_selection_reads_chestx_dets_own_13_classes(chestx_det_root, tmp_path):
+    samples, manifest, _ = build_with_cli("chestx-det", chestx_det_root, tmp_path / "out", "--max-reject-fraction", "1")
+    # The paper's 13 classes are ChestX-Det's own: the vocabulary has 12 (both nodule classes are `nodule`).
+    paper = select_classes(manifest, "paper")
+    assert (paper.labels, len(paper.names), paper.preset) == (SOURCE, 13, "paper")
+    assert len(manifest.label_names) == 13 and "no_finding" in manifest.label_names
+    # An evaluation reads them from source_classes (images) and source_label (lesion patches).
+    stored = samples["102"].meta
+    assert stored["source_classes"]["Diffuse Nodule"] == 1 and stored["labels"]["nodule"] == 1
+    assert [p.get("source_label") for p in stored["patches"] if p["kind"] == "diseased"] == ["Diffuse Nodule"]
+    # Explicit lists are of one kind, harmonised or the dataset's own.
+    assert select_classes(manifest, "Nodule,Diffuse Nodule") == ClassSelection(["Nodule", "Diffuse Nodule"], SOURCE)
+    assert select_classes(manifest, ["nodule", "mass"]) == ClassSelection(["nodule", "mass"], HARMONISED)
+    assert select_classes(manifest, "all").names == manifest.label_names
+    with pytest.raises(LeaderError, match="mixes harmonised and the dataset's own class names"):
+        select_classes(manifest, "nodule,Mass")
+    with pytest.raises(LeaderError, match=r"unknown class\(es\) \['Hernia'\]"):
+        select_classes(manifest, ["Nodule", "Hernia"])
+    with pytest.raises(LeaderError, match="no class set or class 'chexpert5'; class sets: all, paper"):
+        select_classes(manifest, "chexpert5")

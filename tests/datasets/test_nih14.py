@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from leader.cli import app
 from leader.errors import LeaderError
+from leader.shards.class_sets import select_classes
 from leader.shards.datasets import create_dataset
 from leader.shards.reader import iter_samples
 from leader.shards.records import RejectLog, sample_key
@@ -140,6 +141,10 @@ def test_cli_build(tmp_path):
     assert sample.meta["boxes"] == [{"label": "cardiomegaly", "x0": 10.5, "y0": 20.0, "x1": 40.5, "y1": 45.25}]
     assert [p["kind"] for p in sample.meta["patches"]] == ["diseased"]
     assert manifest.label_names[0] == "no_finding" and manifest.has_boxes
+    # The paper averages the 14 findings; "all" keeps every label, No Finding included.
+    paper = select_classes(manifest, "paper")
+    assert paper.labels == "harmonised" and paper.names == manifest.label_names[1:] and len(paper.names) == 14
+    assert select_classes(manifest, None).names == manifest.label_names
 
 
 def test_only_an_image_labelled_no_finding_is_healthy(tmp_path):
