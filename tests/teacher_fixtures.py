@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch  # before tensorflow, always (see DESIGN.md)
+import torch  # before tensorflow, always (docs/design.md, section 2)
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

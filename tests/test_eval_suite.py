@@ -72,10 +72,11 @@ def train_teacher(inputs: torch.Tensor, targets: torch.Tensor, loss_fn, out: Pat
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from leader.precompute.run import precompute
+    from leader.precompute.run import CacheLayout, Execution, precompute
+    from leader.precompute.teachers import create_teacher
     from leader.shards.crop import crop_patch
     from leader.shards.patches import PatchPlan, landmark_patches
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
 
     from leader.evaluate.finetune import render_identity
 
@@ -107,8 +108,8 @@ def bench(tmp_path_factory):
                             torch.nn.functional.cross_entropy, root / "anatomy.pth", epochs=3, seed=1)
 
     for name, checkpoint in (("disease", disease), ("anatomy", anatomy)):
-        precompute(shards, teacher_name=name, kind="timm", model=checkpoint, views=1, batch_size=64,
-                   options={"arch": ARCH, "input_size": SIDE}, patch_size=SIDE)
+        with create_teacher("timm", model=checkpoint, arch=ARCH, input_size=SIDE) as teacher:
+            precompute(shards, name, teacher, layout=CacheLayout(views=1, patch_size=SIDE), execution=Execution(batch_size=64))
     return root
 
 

@@ -21,8 +21,8 @@ from leader.errors import LeaderError
 from leader.shards.builder import BuildSettings, build_shards
 from leader.shards.class_sets import select_classes
 from leader.shards.manifest import Manifest
+from leader.shards.layout import iter_samples
 from leader.shards.patches import PatchPlan
-from leader.shards.reader import iter_samples
 from tests.conftest import build_phantom
 
 runner = CliRunner()

@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch  # before tensorflow, always (see DESIGN.md)
+import torch  # before tensorflow, always (docs/design.md, section 2)
 import numpy as np
 
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes, atomic_write_json
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_samples
+from leader.shards.layout import iter_samples
 
 ProgressFn = Callable[[int, int], None]
 

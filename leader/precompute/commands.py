@@ -16,7 +16,7 @@ import click
 import typer
 
 from leader.errors import LeaderError
-from leader.options import parse_key_values
+from leader.runtime import parse_key_values
 
 precompute_app = typer.Typer(
     help="Run a teacher once over every item of a shard set into the Zarr teacher cache (resumable; "
@@ -25,7 +25,9 @@ cache_app = typer.Typer(help="Inspect and verify a teacher-embedding cache.", no
 
 
 def _default_cache(shards: Path, cache: Optional[str]) -> str:
-    return cache if cache else str(shards / "cache.zarr")
+    from leader.shards.layout import default_cache_path
+
+    return cache if cache else str(default_cache_path(shards))
 
 
 @precompute_app.callback(invoke_without_command=True)
@@ -53,21 +55,25 @@ def precompute_command(
         return
     if teacher is None or shards is None:
         raise click.UsageError("leader precompute needs --teacher NAME and --shards DIR", ctx=ctx)
-    from leader.precompute.run import missing_summary, precompute
+    from leader.precompute.run import CacheLayout, Execution, missing_summary, precompute, resolve_teacher
+    from leader.precompute.teachers import create_teacher
     from leader.progress import progress, rate_text
+    from leader.runtime import local_device
 
     cache_path = _default_cache(shards, cache)
+    layout = CacheLayout(views=views, seed=seed, patch_size=patch_size, dtype=dtype)
+    execution = Execution(batch_size=batch_size, device=device, decode_threads=decode_threads)
+    choice = resolve_teacher(teacher, kind, model, parse_key_values(option), config)
     start = time.perf_counter()
-    with progress() as bar:
+    with progress() as bar, create_teacher(choice.kind, model=choice.model, device=local_device(device),
+                                           allow_remote=allow_remote, **choice.options) as loaded:
         task = bar.add_task(f"precompute {teacher}", total=None, rate="")
 
         def on_progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total, rate=rate_text(done, time.perf_counter() - start, "items"))
 
-        result = precompute(shards, cache_path, teacher_name=teacher, kind=kind, model=model, views=views,
-                            batch_size=batch_size, device=device, options=parse_key_values(option), dtype=dtype,
-                            allow_remote=allow_remote, on_progress=on_progress, seed=seed, patch_size=patch_size,
-                            config=config, overwrite_teacher=overwrite_teacher, decode_threads=decode_threads)
+        result = precompute(shards, teacher, loaded, cache_path, layout, execution,
+                            overwrite_teacher=overwrite_teacher, on_progress=on_progress)
     where = f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else ""
     typer.echo(f"{teacher}{where}: {len(result.shards_computed)} shards, {result.items} items, {result.views} views "
                f"in {result.seconds:.1f} s ({result.items_per_second:,.1f} items/s); "

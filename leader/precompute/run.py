@@ -1,6 +1,8 @@
 """The precompute loop: run one teacher over every item of a shard set, once, into the cache.
 
-    result = precompute("shards/phantom", teacher_name="anatomy", model="adam_v2.pth", views=4)
+    choice = resolve_teacher("anatomy", model="adam_v2.pth")                  # role defaults: kind adam
+    with create_teacher(choice.kind, model=choice.model, **choice.options) as teacher:
+        result = precompute("shards/phantom", "anatomy", teacher, layout=CacheLayout(views=4))
 
 For each shard this rank owns (shard i belongs to rank i % world_size) and that is not done yet:
 
@@ -22,26 +24,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from leader.errors import LeaderError
-from leader.precompute.cache import (
-    KIND_CODES, SPLIT_CODES, TeacherCache, iter_shard_metas, local_store_path, utc_now)
-from leader.precompute.teachers import Teacher, create_teacher
+from leader.precompute.cache import TeacherCache, local_store_path, utc_now
+from leader.precompute.teachers import Teacher
+from leader.runtime import StopOnSigterm, local_device, torchrun_position
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
-from leader.shards.reader import Sample, iter_shard, to_float
-from leader.views import ViewSpec, replay_views
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, Sample, default_cache_path, iter_shard, iter_shard_metas
+from leader.views import ViewSpec, replay_views, to_unit_float
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,10 @@ def resolve_teacher(name: str, kind: str | None = None, model: str | Path | None
         entry = _config_entry(config, name)
     kind = kind or entry.get("kind") or ROLE_KINDS.get(name)
     if not kind:
-        raise LeaderError(f"teacher {name!r} has no default kind; pass --kind (e.g. adam, cxr-foundation, "
-                          f"cxr-foundation-import, timm) or give teachers.{name}.kind in --config")
+        from leader.precompute.teachers import load_all
+
+        raise LeaderError(f"teacher {name!r} has no default kind; pass --kind (one of {', '.join(load_all())}) "
+                          f"or give teachers.{name}.kind in --config")
     model = model if model is not None else entry.get("model")
     merged = {**(entry.get("options") or {}), **(options or {})}
     return TeacherChoice(name, kind, str(model) if model is not None else None, merged)
@@ -159,10 +161,10 @@ def render_group_views(images: Sequence[np.ndarray], patch_boxes: Sequence[Seque
 def _unit_pixels(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
     """The image in [0, 1] as float32 on the device. 8-bit pixels travel as bytes (a quarter of the
     copy) and are scaled there; 16-bit ones are scaled on the host, as 16-bit integer tensors have
-    few kernels on accelerators. Both give to_float's values."""
+    few kernels on accelerators. Both give to_unit_float's values."""
     if image.dtype == np.uint8:
         return torch.from_numpy(image).to(device).float().div_(255.0)
-    return torch.from_numpy(image if image.dtype == np.float32 else to_float(image)).to(device)
+    return (torch.from_numpy(image) if image.dtype == np.float32 else to_unit_float(image)).to(device)
 
 
 @dataclass
@@ -247,87 +249,64 @@ class PrecomputeResult:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
-class _StopOnSigterm:
-    """SIGTERM asks the loop to stop after the shard it is in; the run then exits cleanly."""
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a teacher's rows hold: views per item (drawn from `view_spec` and `seed`), the side
+    patches are cut at before their views are rendered, and the stored type."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> "_StopOnSigterm":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
+    views: int = 4
+    seed: int = 0
+    patch_size: int = 224
+    view_spec: ViewSpec = field(default_factory=ViewSpec)
+    dtype: str = "float16"
 
 
-def distributed_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world size) from the arguments, else from RANK/WORLD_SIZE as torchrun sets them."""
-    try:
-        rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    except ValueError:
-        raise LeaderError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LeaderError(f"rank {rank} is not within world size {world_size}")
-    return rank, world_size
+@dataclass(frozen=True)
+class Execution:
+    """How this process runs the teacher: views per call, the device views are rendered on, the
+    threads decoding ahead (None: one per CPU up to 8; 0: none), and its share of the shards (rank
+    and world size; None: torchrun's RANK and WORLD_SIZE)."""
+
+    batch_size: int = 32
+    device: str = "cpu"
+    decode_threads: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise LeaderError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.decode_threads is not None and self.decode_threads < 0:
+            raise LeaderError(f"--decode-threads must be 0 or more, got {self.decode_threads}")
 
 
-def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, teacher_name: str = "disease",
-               kind: str | None = None, model: str | Path | None = None, views: int = 4, batch_size: int = 32,
-               device: str = "cpu", options: dict | None = None, dtype: str = "float16",
-               rank: int | None = None, world_size: int | None = None, allow_remote: bool = False,
-               on_progress: Callable[[int, int], None] | None = None, *,
-               seed: int = 0, patch_size: int = 224, view_spec: ViewSpec | None = None,
-               config: str | Path | dict | None = None, overwrite_teacher: bool = False,
-               teacher: Teacher | None = None, decode_threads: int | None = None) -> PrecomputeResult:
-    """Fill `teachers/<teacher_name>` of the cache beside `shards_dir` (or at `cache_path`).
+def precompute(shards_dir: str | Path, name: str, teacher: Teacher, cache_path: str | Path | None = None,
+               layout: CacheLayout = CacheLayout(), execution: Execution = Execution(), *,
+               overwrite_teacher: bool = False,
+               on_progress: Callable[[int, int], None] | None = None) -> PrecomputeResult:
+    """Fill `teachers/<name>` of the cache beside `shards_dir` (or at `cache_path`) with `teacher`.
 
-    on_progress(items_done, items_total) is called after each shard with this rank's counts.
-    teacher: an already loaded Teacher to use instead of creating one from kind/model/options.
-    decode_threads: threads that decode the next images while the teacher runs (None: up to 8, one
-    per CPU; 0: decode in the loop itself).
+    The caller loads the teacher (`create_teacher`) and closes it; one loaded teacher can fill
+    several shard sets. on_progress(items_done, items_total) is called after each shard with this
+    rank's counts.
     """
-    if batch_size < 1:
-        raise LeaderError(f"--batch-size must be at least 1, got {batch_size}")
-    if decode_threads is None:
-        decode_threads = min(8, os.cpu_count() or 1)
-    if decode_threads < 0:
-        raise LeaderError(f"--decode-threads must be 0 or more, got {decode_threads}")
-    rank, world_size = distributed_position(rank, world_size)
+    position = torchrun_position(execution.rank, execution.world_size)
+    rank, world_size = position.rank, position.world_size
     manifest = Manifest.load(shards_dir)
-    cache_path = str(cache_path) if cache_path is not None else str(Path(shards_dir) / "cache.zarr")
+    cache_path = str(cache_path if cache_path is not None else default_cache_path(shards_dir))
     if world_size > 1 and local_store_path(cache_path) is None:
         raise LeaderError(f"cache {cache_path} is not on a local file system: {world_size} ranks cannot lock it "
                           "to share its boundary chunks; precompute into a local (or shared POSIX) directory and copy it")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:      # one GPU per local rank under torchrun
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-
-    own_teacher = teacher is None
-    if teacher is None:
-        choice = resolve_teacher(teacher_name, kind, model, options, config)
-        teacher = create_teacher(choice.kind, model=choice.model, device=device, allow_remote=allow_remote, **choice.options)
-    try:
-        n_views_teacher = min(views, teacher.max_views) if teacher.max_views else views
-        cache = TeacherCache.create_or_open(cache_path, manifest, n_views=views, view_spec=view_spec or ViewSpec(),
-                                            seed=seed, patch_size=patch_size)
-        cache.ensure_teacher(teacher_name, teacher.describe(), n_views=n_views_teacher, dtype=dtype,
-                             replace_mismatched=overwrite_teacher)
-        with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else \
-                contextlib.nullcontext() as pool:
-            return _run(cache, manifest, teacher, teacher_name, n_views_teacher, batch_size, device,
-                        rank, world_size, on_progress, pool, ahead=batch_size + 2 * decode_threads)
-    finally:
-        if own_teacher:
-            teacher.close()
+    device = local_device(execution.device)               # one GPU per local rank under torchrun
+    threads = min(8, os.cpu_count() or 1) if execution.decode_threads is None else execution.decode_threads
+    n_views_teacher = min(layout.views, teacher.max_views) if teacher.max_views else layout.views
+    cache = TeacherCache.create_or_open(cache_path, manifest, n_views=layout.views, view_spec=layout.view_spec,
+                                        seed=layout.seed, patch_size=layout.patch_size)
+    cache.ensure_teacher(name, teacher.describe(), n_views=n_views_teacher, dtype=layout.dtype,
+                         replace_mismatched=overwrite_teacher)
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else contextlib.nullcontext() as pool:
+        return _run(cache, manifest, teacher, name, n_views_teacher, execution.batch_size, device,
+                    rank, world_size, on_progress, pool, ahead=execution.batch_size + 2 * threads)
 
 
 def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n_views: int, batch_size: int,
@@ -343,7 +322,7 @@ def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n
     start = time.perf_counter()
     if on_progress is not None:
         on_progress(0, total)
-    with _StopOnSigterm() as stop:
+    with StopOnSigterm() as stop:
         for shard_index in todo:
             shard = manifest.shards[shard_index]
             a, b = shard.rows
@@ -414,7 +393,7 @@ def _decode(sample: Sample) -> np.ndarray:
     """The stored pixels, ready for the device: 8-bit as they are, 16-bit already in [0, 1]."""
     try:
         image = sample.image()
-        return image if image.dtype == np.uint8 else to_float(image)
+        return image if image.dtype == np.uint8 else to_unit_float(image).numpy()
     except (OSError, ValueError, TypeError) as e:        # PIL's errors for a damaged PNG are OSErrors
         raise LeaderError(f"sample {sample.key!r}: its stored image does not decode ({e}); the shard is "
                           "damaged, so rebuild it with `leader shards build`") from None

@@ -11,13 +11,10 @@ finding the vocabulary does not know, is not that statement.
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable
 
 import numpy as np
 
@@ -35,17 +32,6 @@ class Box:
 
     def as_list(self) -> list[float]:
         return [self.x0, self.y0, self.x1, self.y1]
-
-    def problem(self, width: int, height: int) -> str | None:
-        """Why this box cannot be used on a width x height image, or None if it is fine."""
-        coords = self.as_list()
-        if not all(math.isfinite(c) for c in coords):
-            return f"box {self.label!r} has a non-finite coordinate {coords}"
-        if self.x1 <= self.x0 or self.y1 <= self.y0:
-            return f"box {self.label!r} is inverted or empty {coords}"
-        if self.x0 < -0.5 or self.y0 < -0.5 or self.x1 > width + 0.5 or self.y1 > height + 0.5:
-            return f"box {self.label!r} {coords} lies outside the {width}x{height} image"
-        return None
 
 
 @dataclass
@@ -107,20 +93,3 @@ class RejectLog:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def write_jsonl(self, path: Path) -> None:
-        from leader.io import atomic_write_text
-
-        atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries))
-
-
-class DatasetAdapter(Protocol):
-    name: str
-    label_names: list[str]
-    has_boxes: bool
-    has_landmarks: bool
-    overlap_note: str | None
-
-    def records(
-        self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None
-    ) -> Iterator[SourceRecord]: ...

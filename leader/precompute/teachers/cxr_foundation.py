@@ -2,7 +2,7 @@
 
     create_teacher("cxr-foundation", model="path/to/elixr-c-v2-pooled", device="cuda")
 
-The model is called the way Google serves it (DESIGN.md section 4): a batch of serialized
+The model is called the way Google serves it (docs/design.md, section 6): a batch of serialized
 tf.train.Example, each with `image/encoded` = a grayscale PNG and `image/format` = b"png", passed
 as `signatures["serving_default"](input_example=...)`. The PNG follows Google's client rule: 8-bit
 images stay 8-bit; anything else is stretched to the full uint16 range and sent as a 16-bit PNG.
