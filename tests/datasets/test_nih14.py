@@ -10,7 +10,7 @@ from leader.cli import app
 from leader.errors import LeaderError
 from leader.shards.class_sets import select_classes
 from leader.shards.datasets import create_dataset
-from leader.shards.reader import iter_samples
+from leader.shards.layout import iter_samples
 from leader.shards.records import RejectLog, sample_key
 
 from .fixtures_dicom import build_with_cli, corrupt, phantom, reasons, write_png
