@@ -146,7 +146,8 @@ def shortfall_notes(counts: dict, dataset: str, max_per_image: int) -> list[str]
     for split, c in counts["by_split"].items():
         if c["healthy_shortfall"]:
             images = c["healthy_candidates"]
-            text = f"in {split}, {images} healthy image{'' if images == 1 else 's'} at up to {max_per_image} patches each"
+            text = (f"in {split}, {images} healthy image{'' if images == 1 else 's'} at up to {max_per_image} "
+                    f"patch{'' if max_per_image == 1 else 'es'} each")
             if c["rejected_healthy_candidates"]:
                 text += f" ({c['rejected_healthy_candidates']} more rejected when read)"
             where.append(text)
