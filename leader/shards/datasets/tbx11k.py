@@ -26,9 +26,9 @@ Every box is a ``tuberculosis`` box; its COCO category (active / latent / uncert
 image the COCO entry describes (its ``width`` and ``height``, 512 x 512 in the release: the
 record's frame; resized copies get their boxes scaled).
 
-Healthy: the ``health`` class only; ``sick`` images are abnormal without TB. A box on a health/ or sick/ image contradicts the folder and the
-image is rejected, as is an image with a box that cannot be parsed (a partial set of boxes would
-let a healthy patch be cut over an unboxed lesion).
+Healthy: the ``health`` class only; ``sick`` images are abnormal without TB. A box on a health/
+or sick/ image contradicts the folder and the image is rejected, as is an image with a box that
+cannot be parsed (a partial set of boxes would let a healthy patch be cut over an unboxed lesion).
 
 Splits: TBX11K's test labels are withheld, so the official ``val`` json (1,800 images, the set
 papers report on) becomes ``test``, and ``val`` is carved patient-wise out of the official train

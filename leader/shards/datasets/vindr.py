@@ -28,10 +28,11 @@ clusters drawn by fewer readers are dropped as unconfirmed and counted in
 ``extra["unconfirmed_boxes"]``. Why every reader's box by default: LeADER's Table 1 lists 36,096
 VinDr samples, exactly the number of lesion-box rows in the Kaggle release of the same 15,000
 training images (67,914 rows, of which 31,818 are the "No finding" rows of 10,606 normal images),
-where a lesion seen by three readers is three rows; fusing counts it once. ``extra["box_readers"]`` gives each kept box's readers. Boxes of classes outside the
-vocabulary are kept the same way in ``extra["other_boxes"]``. Test boxes are consensus boxes and
-are used as they are. Boxes are in the DICOM's own pixels (the record has no separate frame); each
-box keeps its VinDr class in ``source_label``.
+where a lesion seen by three readers is three rows; fusing counts it once.
+``extra["box_readers"]`` gives each kept box's readers. Boxes of classes outside the vocabulary
+are kept the same way in ``extra["other_boxes"]``. Test boxes are consensus boxes and are used as
+they are. Boxes are in the DICOM's own pixels (the record has no separate frame); each box keeps
+its VinDr class in ``source_label``.
 
 Healthy: only an image that every one of its readers called "No finding" (and nothing else, and
 drew no box). An image with an unmapped finding (Enlarged PA, COPD, ...), a single reader's box,
@@ -230,7 +231,7 @@ class VinDrCXR:
 
 def fuse_reader_boxes(
     boxes: list[tuple[str, tuple[float, float, float, float]]], n_readers: int, iou_threshold: float = IOU_THRESHOLD
-) -> tuple[list[tuple[tuple[float, float, float, float], int]], int]:
+) -> tuple[list[tuple[tuple[float, float, float, float], tuple[str, ...]]], int]:
     """Fuse one class's boxes from several readers of one image (the rule in the module docstring).
 
     `boxes` are (reader, (x0, y0, x1, y1)). Returns ([(mean box, its readers)], n unconfirmed clusters).
