@@ -58,6 +58,28 @@ def train_cache(phantom_shards, tmp_path_factory):
 
 
 @contextlib.contextmanager
+def sigterm_when(condition):
+    """SIGTERM this process as soon as condition() holds (checked from a thread), as a scheduler's
+    pre-emption would; inside, a stray signal after the code under test returned does not end pytest."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while not condition():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Thread(target=watch, daemon=True).start()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
 def one_thread():
     """One intra-op thread: on shared CPUs two spinning OpenMP threads can run ten times slower than one."""
     import torch

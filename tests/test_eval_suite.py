@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leader.evaluate.commands import eval_app, report_command
-from tests.conftest import build_phantom
+from tests.conftest import build_phantom, one_thread
 
 ARCH = "test_resnet"          # timm's smallest ResNet: fast at this size on one CPU thread
 SIDE = 48                     # teacher input and patch size
@@ -28,12 +28,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def single_threaded():
     # Tiny convolutions on a shared 2-core machine run many times faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def normalise(views: torch.Tensor) -> torch.Tensor:

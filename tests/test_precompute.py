@@ -33,6 +33,7 @@ from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
 from leader.shards.layout import KIND_CODES, SPLIT_CODES, iter_samples, iter_shard_metas
 from leader.views import ViewSpec, replay_views
+from tests.conftest import one_thread
 from tests.teacher_fixtures import make_adam_v2_resnet_checkpoint, make_import_npy_dir, random_embeddings
 from tests.test_cache import build_tiny_shards
 
@@ -101,12 +102,10 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
+def single_threaded():
     """Tiny models run fastest on one thread; on CI's two shared cores more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

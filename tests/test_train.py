@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from leader.precompute.cache import TeacherCache
 from leader.train.config import load_config
 from leader.train.loop import train
 from leader.train.metrics import read_metrics
-from tests.conftest import one_thread
+from tests.conftest import one_thread, sigterm_when
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -168,19 +166,8 @@ def test_sigterm_checkpoints_and_resume_completes_the_same_run(phantom_shards, t
     train(config(phantom_shards, train_cache, *overrides), reference)
 
     stopped = tmp_path / "stopped"
-
-    def terminate_after_first_step():
-        while not losses(stopped):
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    # A no-op handler outside train(): a signal arriving after train() returned must not end pytest.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        threading.Thread(target=terminate_after_first_step, daemon=True).start()
+    with sigterm_when(lambda: bool(losses(stopped))):            # after the first logged step
         summary = train(config(phantom_shards, train_cache, *overrides), stopped)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert summary["stopped"] and 1 <= summary["global_step"] < 8
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["state"]["global_step"] == summary["global_step"]
 

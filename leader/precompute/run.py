@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from leader.errors import LeaderError
+from leader.io import read_yaml_mapping
 from leader.precompute.cache import TeacherCache, local_store_path, utc_now
 from leader.precompute.teachers import Teacher
 from leader.runtime import StopOnSigterm, local_device, torchrun_position
@@ -83,18 +84,7 @@ def resolve_teacher(name: str, kind: str | None = None, model: str | Path | None
 
 
 def _config_entry(config: str | Path | dict, name: str) -> dict:
-    if isinstance(config, dict):
-        data = config
-    else:
-        import yaml
-
-        path = Path(config)
-        if not path.is_file():
-            raise LeaderError(f"--config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LeaderError(f"--config {path} is not valid YAML: {e}") from None
+    data = config if isinstance(config, dict) else read_yaml_mapping(config, "--config")
     teachers = data.get("teachers") if isinstance(data, dict) else None
     if teachers is None:
         return {}
