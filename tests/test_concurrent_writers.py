@@ -136,7 +136,7 @@ def test_two_teachers_written_at_once_give_the_sequential_store(phantom_shards, 
     reference = sequential(phantom_shards, tmp_path / "sequential.zarr", models, ["disease", "anatomy"])
 
     cache = tmp_path / "together.zarr"       # both also create the store itself at the same moment
-    writers = [start(WRITER, phantom_shards, cache, name, models[name], other, "-", 0.02)
+    writers = [start(WRITER, phantom_shards, cache, name, models[name], other, "-", 0.01)
                for name, other in (("disease", "anatomy"), ("anatomy", "disease"))]
     for writer in writers:
         assert "finished [0, 1, 2] True" in finished(writer)
@@ -163,7 +163,7 @@ def test_a_third_teacher_written_while_a_trainer_reads_two_others(phantom_shards
     undisturbed = run(copies["alone"], tmp_path / "run-alone")
 
     release = tmp_path / "release"
-    writer = start(WRITER, phantom_shards, copies["together"], "third", models["third"], "-", release, 0.05)
+    writer = start(WRITER, phantom_shards, copies["together"], "third", models["third"], "-", release, 0.02)
     wait_for(lambda: (copies["together"] / "teachers/third/done/zarr.json").exists()
              and done_flags(copies["together"], "third")[0], timeout=120, what="the third teacher's first shard")
     assert done_flags(copies["together"], "third") == [True, False, False]      # half written
