@@ -8,7 +8,6 @@ without the CRC32C codec, read in alternating rounds.
 """
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
