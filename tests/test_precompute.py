@@ -23,6 +23,7 @@ import zarr
 from typer.testing import CliRunner
 
 from leader.errors import LeaderError
+from leader.io import sha256_file
 from leader.precompute.audit import audit_invariance
 from leader.precompute.cache import TeacherCache
 from leader.precompute.commands import cache_app, precompute_app
@@ -236,7 +237,8 @@ def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, ada
     with pytest.raises(LeaderError, match="--decode-threads must be 0 or more"):
         Execution(decode_threads=-1)
 
-    # A shard whose third image is cut short: the thread's failure reaches the loop as one clear line.
+    # A shard whose third image is cut short, as its build wrote it (the manifest records these very
+    # bytes, so the shard passes its sha256 check): the thread's failure reaches the loop as one clear line.
     import tarfile
 
     damaged = tmp_path / "damaged"
@@ -252,6 +254,9 @@ def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, ada
         for m, d in members:
             m.size = len(d)
             tar.addfile(m, io.BytesIO(d))
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = sha256_file(first)
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LeaderError, match=rf"sample '{member.name.split('.')[0]}': its stored image does not decode"):
         run_adam(damaged, tmp_path / "damaged.zarr", adam, Execution(batch_size=4, decode_threads=2))
 

@@ -221,13 +221,14 @@ def test_segment_runs_on_chestx_det_and_siim_format_shards(tmp_path):
     from tests.datasets.test_siim import rect, siim_rle
     from tests.datasets.fixtures_dicom import phantom, write_csv, write_dicom
 
-    # ChestX-Det: 24 images, a mass and an effusion outlined by polygons on most of them.
+    # ChestX-Det: 24 images, a mass and an effusion outlined by polygons on most of them, on the
+    # 1024 px frame of the released images (these files are 64 px copies).
     det = tmp_path / "ChestX-Det"
     train, test = [], []
     for i in range(24):
         name = f"{i}.png"
         write_png(det / ("train" if i < 18 else "test") / name, radiograph(64, seed=i))
-        mass, effusion = [10 + i % 5, 12, 30 + i % 5, 34], [30, 36 + i % 4, 58, 60]
+        mass, effusion = [160 + 16 * (i % 5), 192, 480 + 16 * (i % 5), 544], [480, 576 + 16 * (i % 4), 928, 960]
         e = entry(name, ["Mass", "Effusion"], [mass, effusion], [diamond(mass), diamond(effusion)]) if i % 4 else entry(name)
         (train if i < 18 else test).append(e)
     write_json(det / "ChestX_Det_train.json", train)

@@ -312,7 +312,8 @@ def test_each_rank_streams_as_many_batches_of_the_cached_targets(phantom_shards,
     shares = [sum(s.n_tuples for s in shards) for shards in assign_shards(spec, epoch=0)]
     assert len(spec.shards) == 3 and shares[0] != shares[1]           # uneven: 3 shards on 2 ranks
     per_rank = [list(PhaseEpoch(spec, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
-    assert len(per_rank[0]) == len(per_rank[1]) == spec.batches_per_epoch == 16 // (2 * 3)
+    # 25 pairs in train: 13 diseased patches and as many healthy ones, less a shortfall of 1.
+    assert len(per_rank[0]) == len(per_rank[1]) == spec.batches_per_epoch == 25 // (2 * 3)
 
     cache = TeacherCache.open(train_cache)
     row_of = {k: i for i, k in enumerate(cache.read_keys(0, cache.n_items))}
@@ -340,7 +341,7 @@ def test_a_resumed_epoch_streams_the_remaining_batches_with_workers(phantom_shar
         return [b["patch_keys"] for b in loader]
 
     full = keys(0)
-    assert len(full) == spec.batches_per_epoch == 8
+    assert len(full) == spec.batches_per_epoch == 25 // 2
     assert keys(3) == full[3:]
 
 

@@ -351,7 +351,8 @@ def write_demo_report(profile: DemoProfile, paths: DemoPaths) -> None:
     import yaml
 
     from leader.demo.teachers import record_path
-    from leader.evaluate.report import check_claims, write_report
+    from leader.evaluate.claims import check_claims
+    from leader.evaluate.report import write_report
 
     claims = CLAIMS + SEGMENTATION_CLAIMS + (ABLATION_CLAIMS if profile.ablations else [])
     atomic_write_text(paths.claims, yaml.safe_dump(claims, sort_keys=False))

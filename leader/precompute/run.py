@@ -37,6 +37,7 @@ import torch
 from leader.errors import LeaderError
 from leader.io import read_yaml_mapping
 from leader.precompute.cache import TeacherCache, local_store_path, utc_now
+from leader.precompute.locks import teacher_writer
 from leader.precompute.teachers import Teacher
 from leader.runtime import StopOnSigterm, local_device, torchrun_position
 from leader.shards.crop import crop_patch
@@ -290,13 +291,15 @@ def precompute(shards_dir: str | Path, name: str, teacher: Teacher, cache_path: 
     device = local_device(execution.device)               # one GPU per local rank under torchrun
     threads = min(8, os.cpu_count() or 1) if execution.decode_threads is None else execution.decode_threads
     n_views_teacher = min(layout.views, teacher.max_views) if teacher.max_views else layout.views
-    cache = TeacherCache.create_or_open(cache_path, manifest, n_views=layout.views, view_spec=layout.view_spec,
-                                        seed=layout.seed, patch_size=layout.patch_size)
-    cache.ensure_teacher(name, teacher.describe(), n_views=n_views_teacher, dtype=layout.dtype,
-                         replace_mismatched=overwrite_teacher)
-    with ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else contextlib.nullcontext() as pool:
-        return _run(cache, manifest, teacher, name, n_views_teacher, execution.batch_size, device,
-                    rank, world_size, on_progress, pool, ahead=execution.batch_size + 2 * threads)
+    # A second writer of this teacher that is not another rank of this run is refused (locks.py).
+    with teacher_writer(cache_path, name, rank, world_size):
+        cache = TeacherCache.create_or_open(cache_path, manifest, n_views=layout.views, view_spec=layout.view_spec,
+                                            seed=layout.seed, patch_size=layout.patch_size)
+        cache.ensure_teacher(name, teacher.describe(), n_views=n_views_teacher, dtype=layout.dtype,
+                             replace_mismatched=overwrite_teacher)
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else contextlib.nullcontext() as pool:
+            return _run(cache, manifest, teacher, name, n_views_teacher, execution.batch_size, device,
+                        rank, world_size, on_progress, pool, ahead=execution.batch_size + 2 * threads)
 
 
 def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n_views: int, batch_size: int,
@@ -419,7 +422,7 @@ def _samples_in_order(manifest: Manifest, shard_index: int, keys: list[str]) -> 
     """The shard's samples, checked against the cache's item keys as they stream past."""
     shard = manifest.shards[shard_index]
     a = shard.rows[0]
-    for sample in iter_shard(manifest.path(shard.name)):
+    for sample in iter_shard(manifest.path(shard.name), shard.sha256):
         start, stop = sample.meta["rows"]
         if keys[start - a:stop - a] != sample.item_keys():
             raise LeaderError(f"shard {shard.name}: sample {sample.key!r} at rows {start}-{stop} does not match the "
@@ -434,7 +437,7 @@ def _import_shard(cache: TeacherCache, manifest: Manifest, shard_index: int,
     a, b = shard.rows
     block = np.full((b - a, 1, teacher.dim), np.nan, dtype=np.float32)
     valid = np.zeros(b - a, dtype=bool)
-    metas = list(iter_shard_metas(manifest.path(shard.name)))
+    metas = list(iter_shard_metas(manifest.path(shard.name), shard.sha256))   # image ids: checked bytes only
     image_rows = [m["rows"][0] - a for m in metas]
     embeddings, found = teacher.lookup([m["image_id"] for m in metas])
     block[image_rows, 0] = embeddings

@@ -1,7 +1,13 @@
 """What a dataset adapter hands the shard builder: one `SourceRecord` per image.
 
-Coordinates in records are in the ORIGINAL image's pixels; the builder converts them to the stored
-image's pixels. Labels use the shared vocabulary, with 1, 0, or None for unknown/uncertain.
+Coordinates in records are in the pixels of the record's annotation `frame`: the image size the
+dataset's annotations were drawn on (NIH's boxes: 1024 x 1024), or, when the frame is None, the
+file as read. The builder scales them to the file actually read, then to the stored image. Labels
+use the shared vocabulary, with 1, 0, or None for unknown/uncertain.
+
+`healthy` is the dataset's own positive statement that the image is normal (NIH "No Finding",
+TBX11K's health class, ...); only such images give healthy patches. No finding found, or a
+finding the vocabulary does not know, is not that statement.
 """
 from __future__ import annotations
 
@@ -20,6 +26,9 @@ class Box:
     y0: float
     x1: float
     y1: float
+    # The dataset's own class name where the vocabulary renames or merges it (VinDr "Nodule/Mass",
+    # ChestX-Det "Diffuse Nodule"), so that evaluation can score the dataset's own classes.
+    source_label: str | None = None
 
     def as_list(self) -> list[float]:
         return [self.x0, self.y0, self.x1, self.y1]
@@ -39,9 +48,13 @@ class SourceRecord:
     landmarks: dict[str, tuple[float, float]] | None = None
     view: str | None = None
     extra: dict = field(default_factory=dict)
+    healthy: bool = False
+    frame: tuple[int, int] | None = None                  # (height, width) the annotations are given in
+    source_classes: dict[str, int | None] | None = None   # the dataset's own class names, coded as labels
     # Segmentation masks, for adapters with `mask_classes`: called in a build worker with the
-    # loaded image's (height, width), it returns a `leader.shards.masks.ClassMasks` or raises
-    # `MaskError` (the sample is then rejected with that reason). It must pickle, as `load` does.
+    # annotation frame's (height, width) (the loaded file's when `frame` is None), it returns a
+    # `leader.shards.masks.ClassMasks` or raises `MaskError` (the sample is then rejected with that
+    # reason). It must pickle, as `load` does.
     masks: Callable[[int, int], object] | None = None
 
     @property

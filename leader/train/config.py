@@ -51,6 +51,7 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 2000                    # training tuples held for shuffling, per worker
     online_augment: bool = True                   # audit-approved augmentations where only view 0 is cached
+    skip_damaged_shards: bool = False             # a shard unlike its manifest's sha256: skip it (logged), not stop
 
 
 @dataclass

@@ -30,12 +30,13 @@ def contour(corners, n):
 
 
 def write_case(root, image_id, *, heart=True, right=44, left=50):
+    """A 96 px copy of an image whose points, like the dataset's, are on the 1024 px frame."""
     write_png(root / "Images" / f"{image_id}.png", radiograph(SIDE, seed=len(image_id)))
     for organ, corners, n in (("RL", RIGHT_LUNG, right), ("LL", LEFT_LUNG, left), ("H", HEART, 26)):
         if organ == "H" and not heart or n is None:
             continue
         (root / "landmarks" / organ).mkdir(parents=True, exist_ok=True)
-        np.save(root / "landmarks" / organ / f"{image_id}.npy", contour(corners, n))
+        np.save(root / "landmarks" / organ / f"{image_id}.npy", contour(corners, n) * (1024 / SIDE))
 
 
 def held_out_id(prefix: str) -> str:
@@ -114,14 +115,17 @@ def test_cli_build_makes_landmark_patches_for_held_out_images(landmarks_root, tm
 
 
 def test_contours_become_lung_and_heart_masks(landmarks_root, tmp_path):
-    from leader.shards.masks import decode_masks, fill_polygon
+    from leader.shards.masks import decode_masks, fill_polygon, resize_nearest
 
     samples, manifest, _ = build_with_cli("cxr-landmarks", landmarks_root, tmp_path / "out", "--max-reject-fraction", "1",
                                           size=SIDE)
     assert manifest.mask_classes == ["right_lung", "left_lung", "heart"]
     right, left, heart = decode_masks(samples["JPCLN001"].mask_png, manifest.mask_classes)
-    assert np.array_equal(right, fill_polygon(contour(RIGHT_LUNG, 44), SIDE, SIDE))
-    assert np.array_equal(heart, fill_polygon(contour(HEART, 26), SIDE, SIDE))
+
+    def stored(corners, n):      # rasterised on the 1024 px frame, then resized by nearest neighbour
+        return resize_nearest(fill_polygon(contour(corners, n) * (1024 / SIDE), 1024, 1024), (SIDE, SIDE))
+
+    assert np.array_equal(right, stored(RIGHT_LUNG, 44)) and np.array_equal(heart, stored(HEART, 26))
     assert right[:, : SIDE // 2].sum() == right.sum() and left[:, SIDE // 2:].sum() == left.sum()
     # Shenzhen images have no heart contour: their heart is unknown, not empty.
     assert samples["CHNCXR_0001_0"].meta["mask"]["classes"] == ["right_lung", "left_lung"]

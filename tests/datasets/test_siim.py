@@ -155,7 +155,9 @@ def test_cli_build_stores_the_masks_and_names_the_form(tmp_path, form, label_fil
     meta = samples["1.2.1"].meta
     assert meta["boxes"][0] == {"label": "pneumothorax", "x0": 5.0, "y0": 2.5, "x1": 10.0, "y1": 7.5}
     assert {p["kind"] for p in meta["patches"]} == {"diseased"}
-    assert {p["kind"] for p in samples["1.2.2"].meta["patches"]} == {"healthy"}
+    # "-1" means no pneumothorax, not a normal image: SIIM gives no healthy patches, and says so.
+    assert samples["1.2.2"].meta["patches"] == [] and not samples["1.2.2"].meta["healthy"]
+    assert manifest.notes[0].startswith("siim: no image is stated healthy")
     assert manifest.n_rejects == 5 and manifest.label_names == ["pneumothorax"]
 
     # The mask is stored at the stored image's size (64 -> 32: every other pixel, nearest).

@@ -36,6 +36,9 @@ def create_teacher(kind: str, model: str | Path | None = None, device: str = "cp
     factory = TEACHERS.get(kind)
     accepted = inspect.signature(factory).parameters
     unknown = sorted(set(options) - set(accepted))
+    if "trust_model" in unknown:
+        raise LeaderError(f"--trust-model applies to TensorFlow SavedModels (kind cxr-foundation); teacher {kind!r} "
+                          "loads tensors only, with nothing to trust")
     if unknown:
         known = sorted(p for p in accepted if p not in ("self", "model", "device", "allow_remote"))
         raise LeaderError(f"teacher {kind!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}")

@@ -11,17 +11,25 @@ zips, unpacked)::
 
 Each JSON file is a list of ``{"file_name", "syms": [...], "boxes": [[x0, y0, x1, y1], ...],
 "polygons": [...]}`` with ``syms[i]`` naming ``boxes[i]`` and ``polygons[i]`` (a list of ``[x, y]``
-points, the finding's outline), in the 1024x1024 image's pixels.
+points, the finding's outline), in the pixels of the 1024x1024 images (the record's frame; resized
+copies get their boxes and masks scaled).
 
-Masks: each polygon is rasterised (pixel centres inside, even-odd rule) into the mask of its
-class, named as written in snake case (``diffuse_nodule`` and ``nodule`` stay apart: 13 classes,
-so the mask PNG is 16-bit). Findings overlap, and each class has its own bit. A polygon partly
-outside the image is clipped and counted (``extra.masks.clipped_polygons`` in the manifest); one
-wholly outside rejects its image. An entry without ``polygons`` gets no mask.
+Masks: each polygon is rasterised in the 1024x1024 frame (pixel centres inside, even-odd rule) into
+the mask of its class, named as written in snake case (``diffuse_nodule`` and ``nodule`` stay
+apart: 13 classes, so the mask PNG is 16-bit), then resized to the stored image by nearest
+neighbour. Findings overlap, and each class has its own bit. A polygon partly outside the image is
+clipped and counted (``extra.masks.clipped_polygons`` in the manifest); one wholly outside rejects
+its image. An entry without ``polygons`` gets no mask.
 
 Labels: every image is annotated for all 13 classes, so a class not among its ``syms`` is 0.
-"Diffuse Nodule" and "Nodule" both map to ``nodule`` (boxes keep the class name in
-``source_labels``); ``no_finding`` is 1 for images without any finding.
+"Diffuse Nodule" and "Nodule" both map to ``nodule``; each box keeps its ChestX-Det class as its
+``source_label``, and ``source_classes`` codes the 13 classes under their own names (class set
+``paper``). ``no_finding`` is 1 for images without any finding.
+
+Healthy: ChestX-Det has no "normal" class; an image is normal in it when its entry lists no
+finding at all (``"syms": [], "boxes": []``, as in the released JSON), which is what its three
+radiologists said after looking for all 13 classes. Such an image is taken as healthy. Findings
+outside the 13 (edema, hernia, ...) were not annotated, so they cannot be ruled out.
 
 Splits: the official train/test files; ``val`` is carved patient-wise out of train (option
 ``val_fraction``, 15% by default). The dataset publishes no patient ids, so the image id (file
@@ -42,6 +50,7 @@ from pathlib import Path
 from typing import Iterator
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import SOURCE, ClassSet
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
@@ -66,7 +75,7 @@ CLASSES = {
 }
 
 MASK_CLASSES = tuple(name.lower().replace(" ", "_") for name in CLASSES)
-
+FRAME = (1024, 1024)   # the released images; boxes and polygons are in their pixels
 ANNOTATIONS = {"train": "ChestX_Det_train.json", "test": "ChestX_Det_test.json"}
 # How the image zips unpack, depending on the tool and the mirror; the nested form first, since
 # there train_data/ exists too but holds only the folder.
@@ -90,6 +99,8 @@ class ChestXDet:
     has_boxes = True
     has_landmarks = False
     overlap_note = "ChestX-Det images are a subset of NIH ChestX-ray14 (renumbered file names)"
+    source_class_names = list(CLASSES)
+    class_sets = {"paper": ClassSet(tuple(CLASSES), SOURCE, "ChestX-Det's 13 classes")}
 
     def __init__(self, val_fraction: float = 0.15):
         self.val_fraction = check_val_fraction("chestx-det", val_fraction)
@@ -139,7 +150,11 @@ class ChestXDet:
                     boxes=boxes,
                     landmarks=None,
                     extra={"also_in": ["nih14"], "official_split": official},
-                    masks=None if polygons is None else functools.partial(polygon_masks, MASK_CLASSES, polygons, MASK_CLASSES),
+                    healthy=not names,
+                    frame=FRAME,
+                    source_classes={name: int(name in names) for name in CLASSES},
+                    masks=None if polygons is None else functools.partial(polygon_masks, MASK_CLASSES, polygons,
+                                                                          MASK_CLASSES),
                 )
 
 
@@ -187,7 +202,7 @@ def parse_findings(entry: dict) -> tuple[list[Box], list[str]]:
             numbers = []
         if len(numbers) != 4 or not all(math.isfinite(c) for c in numbers):
             raise _EntryError(f"box for {name!r} has unparseable numbers: {coords!r}")
-        boxes.append(Box(CLASSES[name], *numbers))
+        boxes.append(Box(CLASSES[name], *numbers, source_label=name))
     return boxes, syms
 
 
@@ -202,7 +217,8 @@ def parse_polygons(entry: dict, names: list[str]) -> list[tuple[str, list]] | No
     out = []
     for name, points in zip(names, polygons):
         try:
-            out.append((MASK_CLASSES[list(CLASSES).index(name)], check_polygon(points, f"polygon for {name!r}").tolist()))
+            points = check_polygon(points, f"polygon for {name!r}").tolist()
+            out.append((MASK_CLASSES[list(CLASSES).index(name)], points))
         except MaskError as e:
             raise _EntryError(str(e)) from None
     return out

@@ -25,13 +25,17 @@ evidence (``extra.masks.notes``).
 
 Each sample stores its mask (class ``pneumothorax``, empty for ``-1``) as the ``mask.png``
 member at the stored image's size. Label ``pneumothorax`` is 1 when any row has a mask, else 0.
-Each connected region of the mask (4-connectivity) becomes a ``pneumothorax`` box in original
-pixels. ``source_labels["n_masks"]`` counts the rows with a mask.
+Each connected region of the mask (4-connectivity) becomes a ``pneumothorax`` box.
+``source_labels["n_masks"]`` counts the rows with a mask. Masks and boxes are in the DICOM's own
+pixels (the RLE is decoded at its Rows x Columns).
 
 An image with both ``-1`` and a mask, an undecodable RLE or one that runs past the image, or a
-DICOM file without a label row is rejected. Ids: SIIM de-identified each image on its own, so the
-ImageId is the patient id. Split: patient-wise. Overlap: the images come from NIH ChestX-ray14
-(``extra.also_in``).
+DICOM file without a label row is rejected.
+
+Healthy: none. ``-1`` says "no pneumothorax", not "normal": SIIM's images come from NIH, many with
+other findings, and SIIM labels nothing else. So SIIM gives no healthy patches, and the build's
+notes report the shortfall. Ids: SIIM de-identified each image on its own, so the ImageId is the
+patient id. Split: patient-wise. Overlap: the images come from NIH ChestX-ray14 (``extra.also_in``).
 """
 from __future__ import annotations
 
