@@ -252,3 +252,18 @@ def test_segment_runs_on_chestx_det_and_siim_format_shards(tmp_path):
         assert 0.0 <= metrics["dice_mean"] <= 1.0 and sum(metrics["n_images"].values()) > 0
     assert json.loads((tmp_path / "seg-det" / "metrics.json").read_text())["classes"][0] == "atelectasis"
     assert json.loads((tmp_path / "seg-siim-shards" / "metrics.json").read_text())["classes"] == ["pneumothorax"]
+
+
+def test_a_non_square_image_and_its_mask_are_stretched_onto_one_square_alike():
+    from leader.evaluate.segment import on_square_canvas
+
+    image = np.zeros((32, 64), np.uint8)
+    image[:, :16] = 200                                   # a bright band: the left quarter
+    mask = np.zeros((32, 64), np.uint16)
+    mask[:, :16] = 1 << 12
+    square, packed = on_square_canvas(image, mask)
+    assert square.shape == packed.shape == (64, 64) and square.dtype == np.uint8
+    assert set(np.unique(packed)) == {0, 1 << 12}
+    np.testing.assert_array_equal(packed[:, :16] != 0, True)
+    np.testing.assert_array_equal(packed[:, 16:] != 0, False)
+    assert square[:, :15].min() > 190 and square[:, 17:].max() < 10
