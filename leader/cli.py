@@ -12,6 +12,7 @@ from leader.errors import LeaderError
 from leader.demo.commands import demo
 from leader.evaluate.commands import eval_app, report_command
 from leader.precompute.commands import cache_app, precompute_app
+from leader.reproduce.commands import reproduce_command
 from leader.shards.commands import app as shards_app
 from leader.train.commands import register as register_train
 
@@ -29,6 +30,7 @@ register_train(app)
 app.add_typer(eval_app, name="eval")
 app.command("report")(report_command)
 app.command("demo")(demo)
+app.command("reproduce")(reproduce_command)
 
 
 @app.callback()
