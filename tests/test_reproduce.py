@@ -294,3 +294,35 @@ def test_a_profile_is_merged_over_the_file_and_owns_its_output_folder(tmp_path):
     reproduce(pipeline, out, profile="quick", only=["shards"], skip_missing=True)
     with pytest.raises(LeaderError, match="holds pipeline 'bench' \\(profile 'quick'\\)"):
         reproduce(pipeline, out, only=["shards"], skip_missing=True)
+
+
+def test_a_wrong_student_setting_fails_before_anything_runs(tmp_path):
+    pipeline = write_study(tmp_path, students={"student": {"config": str(REPO / "configs" / "demo.yaml"),
+                                                           "set": {"optim.learning_rate": 0.1}}})
+    with pytest.raises(LeaderError, match=r"step train-student: --set optim.learning_rate: unknown key 'learning_rate'"):
+        reproduce(pipeline, tmp_path / "out", skip_missing=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_output_folder_may_be_spelt_another_way(bench, monkeypatch):
+    monkeypatch.chdir(bench["folder"])
+    again = reproduce(bench["pipeline"], Path("out"), skip_missing=True)
+    assert again.ran == [] and "report" in again.skipped
+
+
+def test_the_paper_pipeline_plans_every_step_of_the_study(tmp_path):
+    lines = []
+    outcome = reproduce(REPO / "configs" / "paper.yaml", tmp_path / "paper", dry_run=True, echo=lines.append)
+    plan = outcome.plan
+    assert set(plan.pipeline.datasets) >= {"nih14", "chexpert", "mimic-cxr", "padchest", "rsna", "shenzhen", "vindr",
+                                           "chestx-det", "node21", "tbx11k"}
+    train = plan.step("train-leader")
+    assert train.argv[train.argv.index("--config") + 1] == str(REPO / "configs" / "leader-swinb.yaml")
+    assert [a for a in train.argv if "/shards/" in a] == [str(tmp_path / "paper" / "shards" / d) for d in
+                                                          ["nih14", "chexpert", "mimic-cxr", "padchest", "rsna", "shenzhen",
+                                                           "vindr", "chestx-det", "node21", "tbx11k"]]
+    assert "phases.1.datasets=[\"vindr\", \"chestx-det\", \"node21\", \"tbx11k\"]" in train.argv
+    assert len([line for line in lines if not line.startswith("#")]) == len(plan.steps)
+    assert any(line.startswith("# problem: dataset nih14: root /data/nih14 not found") for line in lines)
+    smoke = reproduce(REPO / "configs" / "paper.yaml", tmp_path / "smoke", profile="smoke", dry_run=True, echo=lambda _: None)
+    assert "--n" in smoke.plan.step("shards-vindr").argv

@@ -1,7 +1,8 @@
 """What a step's result depends on, and the markers that record a finished step.
 
 A step's fingerprint is the sha256 of:
-- its argument list (without the flags that only say how it runs: `--device`, `--workers`, ...);
+- its argument list as planned into a placeholder output folder (so `--out runs/x` and its
+  absolute spelling agree), without the flags that only say how it runs (`--device`, `--workers`);
 - the identity of every outside input it reads:
   - teacher weights, checkpoints and configs: the sha256 of the file, or of every file in the
     folder (a SavedModel). Hashes are remembered in OUT/state/input-hashes.json by path, size and
@@ -109,7 +110,9 @@ def fingerprints(plan: Plan, identities: InputIdentities, not_run: set[str] = fr
     prints: dict[str, str] = {}
     for step in plan.steps:
         upstream = {d: ("not run" if d in not_run else prints[d]) for d in step.deps}
-        payload = {"argv": list(step.argv), "inputs": {str(i.path): identities.identity(i) for i in step.inputs},
+        # The report's command names the pipeline file as it was typed; what it writes is its identity.
+        argv = [] if step.launcher == "engine" else list(step.argv)
+        payload = {"argv": argv, "inputs": {str(i.path): identities.identity(i) for i in step.inputs},
                    "upstream": upstream, "identity": step.identity}
         prints[step.name] = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
     return prints

@@ -38,6 +38,7 @@ from leader.reproduce.spec import Pipeline, load_pipeline
 from leader.reproduce.steps import STAGES, Command, Plan, Step, plan_steps
 
 PIPELINE_RECORD = "pipeline.json"
+CANONICAL_OUT = Path("$OUT")
 
 
 @dataclass
@@ -76,15 +77,18 @@ def reproduce(pipeline: str | Path | Pipeline, out: str | Path, *, profile: str 
     missing_roots = {d.name: f"root {d.root} not found" for d in pipeline.datasets.values()
                      if d.root is not None and not d.root.exists()}
     plan = plan_steps(pipeline, out, gpus, missing_roots if skip_missing else None)
+    # Fingerprints read the steps as planned into a placeholder folder: however OUT is spelt
+    # (relative, absolute), the same study has the same fingerprints.
+    canonical = plan_steps(pipeline, CANONICAL_OUT, gpus, missing_roots if skip_missing else None)
     selected = select(plan, only)
     state = out / "state"
     identities = InputIdentities(state)
-    prints = fingerprints(plan, identities)
+    prints = fingerprints(canonical, identities)
     status = {s.name: step_status(s, prints[s.name], state) for s in plan.steps}
     # The report counts an evaluation that will not have run (skipped by --only, never run) as "not run".
     will_run = {s.name for s in selected}
     absent = {s.name for s in plan.steps if s.name not in will_run and status[s.name] != "done"}
-    prints = fingerprints(plan, identities, not_run=absent)
+    prints = fingerprints(canonical, identities, not_run=absent)
     status = {s.name: step_status(s, prints[s.name], state) for s in plan.steps}
 
     problems = argument_problems(selected) + missing_inputs(plan, selected, status)
@@ -106,7 +110,8 @@ def reproduce(pipeline: str | Path | Pipeline, out: str | Path, *, profile: str 
     for index, step in enumerate(selected):
         # The report's status can only be known now: the evaluations before it have just run.
         if step.soft_deps:
-            prints[step.name] = fingerprints(plan, identities, not_run={d for d in step.deps if not _is_done(plan, d, prints, state)})[step.name]
+            absent = {d for d in step.deps if not _is_done(plan, d, prints, state)}
+            prints[step.name] = fingerprints(canonical, identities, not_run=absent)[step.name]
             status[step.name] = step_status(step, prints[step.name], state)
         if status[step.name] == "done":
             outcome.skipped.append(step.name)
@@ -179,7 +184,30 @@ def argument_problems(steps: list[Step]) -> list[str]:
         problem = parse_problem(step.command().argv)
         if problem:
             problems.append(f"step {step.name}: `leader {' '.join(step.argv[:2])}` does not accept its arguments: {problem}")
+        elif step.stage == "train":
+            problem = config_problem(step.argv)
+            if problem:
+                problems.append(f"step {step.name}: {problem}")
     return problems
+
+
+def config_problem(argv: tuple[str, ...]) -> str | None:
+    """The trainer's config with its --set overrides, read as `leader train` will read it (a wrong key
+    fails now, not after the shards and the cache are built)."""
+    from leader.train.config import load_config
+
+    values: dict[str, list[str]] = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag in ("--config", "--set", "--shards"):
+            values.setdefault(flag, []).append(value)
+    config = Path(values["--config"][0])
+    if not config.is_file():
+        return None                                 # reported with the missing inputs
+    try:
+        load_config(config, values.get("--set", []), shards=values.get("--shards"))
+    except LeaderError as e:
+        return str(e)
+    return None
 
 
 def missing_inputs(plan: Plan, selected: list[Step], status: dict[str, str]) -> list[str]:
