@@ -47,8 +47,7 @@ def ours_rate(ctx: Context, workers: int) -> float:
     cfg = work.train_config(num_workers=workers, batch_size=ctx.profile.loader_batch_size)
     sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())
     spec = StreamSpec.for_phase(sources, cfg.phases[0], cfg, world_size=1)
-    student_input = StudentInput(cfg.model.image_size, sources.patch_size(), cfg.model.in_chans, tuple(cfg.model.mean),
-                                 tuple(cfg.model.std), cfg.run.channels_last)
+    student_input = StudentInput.from_config(cfg.model, sources.patch_size(), cfg.run.channels_last)
 
     def deliver(item):
         _, batch = item
@@ -85,8 +84,7 @@ def replay_share(ctx: Context) -> float:
     stream = phase_batches(spec, 0, 0, 1)
     _, batch = next(stream)
     stream.close()
-    student_input = StudentInput(cfg.model.image_size, sources.patch_size(), cfg.model.in_chans, tuple(cfg.model.mean),
-                                 tuple(cfg.model.std), cfg.run.channels_last)
+    student_input = StudentInput.from_config(cfg.model, sources.patch_size(), cfg.run.channels_last)
     image = batch["image"].to(ctx.device)
     batch = dict(batch, image=image)
     student_input.render(batch, ctx.device)

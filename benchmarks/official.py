@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from leader.errors import LeaderError
+from leader.network_input import IMAGENET_MEAN, IMAGENET_STD
 from leader.views import ViewSpec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def official_transform(image_size: int, spec: ViewSpec = ViewSpec()) -> transforms.Compose:

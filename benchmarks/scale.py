@@ -106,17 +106,13 @@ def write_synthetic_cache(manifest: Manifest) -> Path:
 
 def trainer_child(root: Path, steps: int = 6) -> dict:
     """What `leader train` holds in host memory for this shard set: open, plan, build, train a few steps."""
-    import itertools
-
     import torch
 
     from benchmarks.harness import peak_rss_mb, proc_status_mb
     from leader.train.config import config_from_dict
     from leader.train.loader import StreamSpec, phase_batches
-    from leader.train.loop import make_optimizer
-    from leader.train.model import TargetNorm, create_student
+    from leader.train.loop import Distributed, Trainer
     from leader.train.sources import open_sources
-    from leader.train.step import DistillationStep, StudentInput
 
     torch.set_num_threads(1)
     baseline = proc_status_mb("VmRSS")            # after the imports: what any torch process holds
@@ -131,17 +127,11 @@ def trainer_child(root: Path, steps: int = 6) -> dict:
     sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())
     spec = StreamSpec.for_phase(sources, cfg.phases[0], cfg, world_size=1)
     open_seconds = time.perf_counter() - start
-    student = create_student(cfg.model, {t: DIM for t in TEACHERS})
-    net = student.restricted(TEACHERS)
-    optimizer = make_optimizer(student, cfg.optim)
-    step = DistillationStep(StudentInput(32, sources.patch_size(), 3, cfg.model.mean, cfg.model.std),
-                            TargetNorm("l2", {t: DIM for t in TEACHERS}), torch.device("cpu"))
+    trainer = Trainer(cfg, {t: DIM for t in TEACHERS}, sources.patch_size(), torch.device("cpu"))
+    net = trainer.net(list(TEACHERS), Distributed())
     stream = phase_batches(spec, 0, 0, 1)
-    for _, batch in itertools.islice(stream, steps):
-        loss, _ = step(net, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    for _ in range(steps):
+        trainer.optimizer_step(net, stream, Distributed())
     stream.close()
     return {"n_items": sources.sets[0].manifest.n_items, "baseline_rss_mb": round(baseline, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1), "open_and_plan_s": round(open_seconds, 3),

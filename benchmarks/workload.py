@@ -5,7 +5,7 @@
     work.shards               # train.csv built into shards at the stored size (csv adapter)
     work.cache                # both teachers precomputed into the Zarr cache beside the shards
     work.official_targets     # targets/<stem>.npy: the disease teacher's view-0 embedding per image
-    trainer = work.trainer()  # the student, its optimizer and one training step
+    trainer = work.trainer()  # leader train's Trainer: the student, its optimizer and one training step
 
 The images are phantom radiographs written as ordinary PNG files, so every path reads real files:
 the csv adapter, the builder, the official code's Dataset. Only `distinct_images` are rendered and
@@ -28,16 +28,15 @@ from PIL import Image
 
 from benchmarks.profiles import ModelSpec, Profile
 from leader.errors import LeaderError
-from leader.precompute.cache import TeacherCache, iter_shard_metas
+from leader.precompute.cache import TeacherCache
 from leader.precompute.run import PrecomputeResult, precompute
 from leader.precompute.teachers import Teacher, create_teacher
 from leader.shards.builder import BuildSettings, build_shards
+from leader.shards.layout import iter_shard_metas
 from leader.shards.manifest import Manifest
 from leader.shards.phantom import PhantomConfig, generate_case, phantom_index
 from leader.train.config import TrainConfig, config_from_dict
-from leader.train.loop import make_optimizer
-from leader.train.model import TargetNorm, create_student
-from leader.train.step import DistillationStep, StudentInput
+from leader.train.loop import Distributed, StepResult, Trainer
 
 SEED = 0
 TEACHER_ROLES = ("disease", "anatomy")
@@ -98,22 +97,19 @@ def save_random_weights(spec: ModelSpec, path: Path) -> Path:
 
 
 @dataclass
-class Trainer:
-    """The student of every training benchmark, and one optimizer step of it."""
+class BenchTrainer:
+    """`leader train`'s own Trainer and the net of its branches: what every training benchmark times."""
 
-    student: torch.nn.Module          # the branches' view of the student (backbone + active heads)
-    optimizer: torch.optim.Optimizer
-    step: DistillationStep
-    config: TrainConfig
+    trainer: Trainer
+    net: torch.nn.Module              # the branches' view of the student (backbone + active heads)
 
-    def train_step(self, batch: dict) -> torch.Tensor:
-        """What leader's loop does per micro-batch (without accumulation): loss, backward, clip, step."""
-        loss, _ = self.step(self.student, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.config.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    @property
+    def config(self) -> TrainConfig:
+        return self.trainer.cfg
+
+    def train_step(self, batch: dict) -> StepResult:
+        """One optimizer step of the trainer on this batch: loss, backward, clip, AdamW."""
+        return self.trainer.optimizer_step(self.net, iter([(0, batch)]), Distributed())
 
 
 class Workload:
@@ -203,19 +199,11 @@ class Workload:
             "run": {"device": self.device.type, "precision": "bf16", "channels_last": cuda, "compile": False},
         }, where="benchmark config")
 
-    def trainer(self, branches: tuple[str, ...] = TEACHER_ROLES) -> Trainer:
+    def trainer(self, branches: tuple[str, ...] = TEACHER_ROLES) -> BenchTrainer:
         cfg = self.train_config(branches=branches)
         head_dims = {role: self.teachers[role].dim for role in branches}
-        torch.manual_seed(SEED)
-        student = create_student(cfg.model, head_dims).to(self.device)
-        if cfg.run.channels_last:
-            student.to(memory_format=torch.channels_last)
-        norm = TargetNorm(cfg.target_norm, head_dims).to(self.device)
-        autocast = torch.bfloat16 if self.device.type == "cuda" else None
-        patch_size = TeacherCache.open(self.cache).patch_size
-        step = DistillationStep(StudentInput(cfg.model.image_size, patch_size, cfg.model.in_chans, tuple(cfg.model.mean),
-                                             tuple(cfg.model.std), cfg.run.channels_last), norm, self.device, autocast)
-        return Trainer(student.restricted(branches), make_optimizer(student, cfg.optim), step, cfg)
+        trainer = Trainer(cfg, head_dims, TeacherCache.open(self.cache).patch_size, self.device)
+        return BenchTrainer(trainer, trainer.net(list(branches), Distributed()))
 
 
 def require_cuda(device: torch.device) -> None:

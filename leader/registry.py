@@ -1,6 +1,7 @@
 """Named factories, in the style of timm's model registry.
 
-Teachers, datasets and students are looked up by name, so configs and the CLI can name them.
+Teachers, datasets and evaluation protocols are looked up by name, so configs and the CLI can name
+them; an unknown name is an error that lists the known ones.
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def entries(self) -> list[T]:
+        """The registered objects, in registration order."""
+        return list(self._entries.values())
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries

@@ -13,10 +13,10 @@ import zarr
 from typer.testing import CliRunner
 
 from leader.errors import LeaderError
-from leader.precompute.cache import (
-    KIND_CODES, SPLIT_CODES, TeacherCache, chunk_rows_for, find_problems, iter_shard_metas, store_lock)
+from leader.precompute.cache import TeacherCache, chunk_rows_for, find_problems, store_lock
 from leader.precompute.commands import cache_app
 from leader.shards.builder import BuildSettings, build_shards
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, iter_shard_metas
 from leader.shards.datasets import DATASETS, register_dataset
 from leader.shards.manifest import Manifest
 from leader.shards.records import Box, SourceRecord

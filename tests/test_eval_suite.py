@@ -75,7 +75,7 @@ def bench(tmp_path_factory):
     from leader.precompute.run import precompute
     from leader.shards.crop import crop_patch
     from leader.shards.patches import PatchPlan, landmark_patches
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
 
     from leader.evaluate.finetune import render_identity
 

@@ -24,14 +24,14 @@ from typer.testing import CliRunner
 
 from leader.errors import LeaderError
 from leader.precompute.audit import audit_invariance
-from leader.precompute.cache import KIND_CODES, SPLIT_CODES, TeacherCache, iter_shard_metas
+from leader.precompute.cache import TeacherCache
 from leader.precompute.commands import cache_app, precompute_app
 from leader.precompute.run import precompute, resolve_teacher
 from leader.precompute.teachers import create_teacher
 from leader.precompute.teachers.base import Teacher
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_samples
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, iter_samples, iter_shard_metas
 from leader.views import ViewSpec, replay_views
 from tests.teacher_fixtures import make_adam_v2_resnet_checkpoint, make_import_npy_dir, random_embeddings
 from tests.test_cache import build_tiny_shards

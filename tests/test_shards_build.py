@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from leader.cli import app
 from leader.shards.builder import BuildSettings, build_shards
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_samples
+from leader.shards.layout import iter_samples
 from tests.conftest import build_phantom
 
 runner = CliRunner()

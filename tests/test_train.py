@@ -66,7 +66,7 @@ def demo_run(phantom_shards, train_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     with one_thread():
         summary = train(config(phantom_shards, train_cache), out)
-    assert summary == {"stopped": False, "phase": 2, "step_in_phase": 0, "global_step": 200,
+    assert summary == {"stopped": False, "segment": 2, "step_in_segment": 0, "global_step": 200,
                        "samples": 200 * 16, "finished": True}
     return out
 
@@ -111,7 +111,7 @@ def test_embed_writes_every_item_and_matches_the_student(demo_run, phantom_shard
     from typer.testing import CliRunner
 
     from leader.shards.manifest import Manifest
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
     from leader.train.commands import app
     from leader.train.embed import embed_items, load_student
     from leader.views import replay_views

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from leader.precompute.cache import TeacherCache
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_samples
+from leader.shards.layout import iter_samples
 from leader.train.loop import train
 from tests.conftest import one_thread
 from tests.test_train import config

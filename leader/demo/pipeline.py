@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from leader.demo.teachers import AnatomyTeacherSettings, DiseaseTeacherSettings
+from leader.evaluate.protocols import FEATURES, WEIGHTS, Protocol, get_protocol, protocols
 from leader.errors import LeaderError
 from leader.io import atomic_write_json, atomic_write_text
 
@@ -73,6 +74,16 @@ class DemoProfile:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=list).encode()).hexdigest()
+
+    def protocol_options(self, protocol: str) -> dict:
+        """The demo's sizes for each evaluation protocol (the rest are the protocols' defaults)."""
+        return {
+            "linear-probe": {"n_boot": self.n_boot},
+            "linear-probe-lesion": {"n_boot": self.n_boot},
+            "retrieval": {"k": self.retrieval_k, "n_queries": self.retrieval_queries, "seed": self.seed},
+            "anatomy": {"seed": self.seed},
+            "finetune": {"epochs": self.finetune_epochs, "patience": self.finetune_epochs, "n_boot": self.n_boot},
+        }.get(protocol, {})
 
 
 DEFAULT = DemoProfile(anatomy=AnatomyTeacherSettings(input_size=48, steps=300, batch_size=48))
@@ -195,14 +206,16 @@ def build_steps(profile: DemoProfile, paths: DemoPaths) -> list[Step]:
                             "concat": ["concat:teacher:disease+teacher:anatomy"]})
     representations.update({name: [f"run:{paths.run(name)}"] for name in students[1:]})
     for label, reps in representations.items():
-        for protocol in ("linear-probe", "linear-probe-lesion", "retrieval", "anatomy"):
-            steps.append(Step(f"eval-{protocol}-{label}", f"{protocol} {reps[0]}",
-                              lambda p, r=reps, pr=protocol, lb=label: evaluate(profile, paths, pr, r, lb)))
+        for protocol in protocols(FEATURES):
+            steps.append(Step(f"eval-{protocol.name}-{label}", f"{protocol.name} {reps[0]}",
+                              lambda p, pr=protocol, r=reps, lb=label: evaluate(profile, paths, pr, r, lb)))
     if profile.ablations:
         steps.append(Step("eval-linear-probe-average", "linear-probe average of the teachers",
-                          lambda p: evaluate(profile, paths, "linear-probe", ["teacher:disease", "teacher:anatomy"], "average")))
-    steps.append(Step("eval-finetune-student", "finetune student",
-                      lambda p: evaluate(profile, paths, "finetune", representations["student"], "student")))
+                          lambda p: evaluate(profile, paths, get_protocol("linear-probe"),
+                                             ["teacher:disease", "teacher:anatomy"], "average", ensemble="average")))
+    for protocol in protocols(WEIGHTS):
+        steps.append(Step(f"eval-{protocol.name}-student", f"{protocol.name} student",
+                          lambda p, pr=protocol: evaluate(profile, paths, pr, representations["student"], "student")))
     steps.append(Step("report", "report", lambda p: write_demo_report(profile, paths)))
     return steps
 
@@ -297,30 +310,11 @@ def train_student(profile: DemoProfile, paths: DemoPaths, name: str, only_branch
         raise LeaderError(f"training of {name} was stopped; rerun `leader demo` to resume it")
 
 
-def evaluate(profile: DemoProfile, paths: DemoPaths, protocol: str, reps: list[str], label: str) -> None:
-    """The `leader eval PROTOCOL --shards S --repr R [--repr R2 --ensemble average] --out OUT/eval/PROTOCOL/LABEL`."""
-    out = paths.eval / protocol / label
-    shards = paths.shards
-    if protocol in ("linear-probe", "linear-probe-lesion"):
-        from leader.evaluate.linear_probe import run_linear_probe
-
-        run_linear_probe(shards, reps, out, level="image" if protocol == "linear-probe" else "lesion",
-                         ensemble="average" if len(reps) > 1 else None, n_boot=profile.n_boot)
-    elif protocol == "retrieval":
-        from leader.evaluate.retrieval import run_retrieval
-
-        run_retrieval(shards, reps[0], out, k=profile.retrieval_k, n_queries=profile.retrieval_queries, seed=profile.seed)
-    elif protocol == "anatomy":
-        from leader.evaluate.anatomy import run_anatomy
-
-        run_anatomy(shards, reps[0], out, seed=profile.seed)
-    elif protocol == "finetune":
-        from leader.evaluate.finetune import FinetuneConfig, run_finetune
-
-        cfg = FinetuneConfig(epochs=profile.finetune_epochs, patience=profile.finetune_epochs)
-        run_finetune(shards, reps[0], out, cfg=cfg, n_boot=profile.n_boot)
-    else:
-        raise LeaderError(f"demo: unknown evaluation protocol {protocol!r}")
+def evaluate(profile: DemoProfile, paths: DemoPaths, protocol: Protocol, reps: list[str], label: str,
+             **options) -> None:
+    """`leader eval COMMAND --shards S --repr R [--repr R2 --ensemble average] --out OUT/eval/PROTOCOL/LABEL`."""
+    protocol(paths.shards, reps, paths.eval / protocol.name / label,
+             **profile.protocol_options(protocol.name), **options)
 
 
 def write_demo_report(profile: DemoProfile, paths: DemoPaths) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes, atomic_write_json
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_samples
+from leader.shards.layout import iter_samples
 
 ProgressFn = Callable[[int, int], None]
 

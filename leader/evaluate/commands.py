@@ -1,8 +1,10 @@
-"""`leader eval ...` and `leader report`.
+"""`leader eval ...` and `leader report`, and the evaluation protocols each command runs.
 
 `eval_app` is a typer sub-app (linear-probe, retrieval, anatomy, finetune, compare); leader/cli.py
 adds it as `leader eval` and registers `report_command` as `leader report`. Each eval command
-writes metrics.json and its figures into --out and prints the headline number.
+writes metrics.json and its figures into --out and prints the headline number. Beside each command
+stands the registration of the protocol(s) it runs (`leader/evaluate/protocols.py`): the list that
+the report's columns, `leader demo` and the pipeline runner iterate.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import List, Optional
 import typer
 
 from leader.errors import LeaderError
+from leader.evaluate.protocols import WEIGHTS, Protocol, register_protocol
 from leader.progress import progress
 
 eval_app = typer.Typer(help="Evaluate representations: linear probe, retrieval, anatomy, fine-tuning, compare.",
@@ -43,6 +46,23 @@ def _done(metrics: dict, out: Path, started: float) -> None:
                f"({time.perf_counter() - started:.1f} s) -> {out / 'metrics.json'}")
 
 
+LINEAR_PROBE = register_protocol(Protocol(
+    "linear-probe", "linear-probe", "leader.evaluate.linear_probe:run_linear_probe", "image-level linear probe",
+    secondary=("auc_std",), representations="many"))
+LESION_PROBE = register_protocol(Protocol(
+    "linear-probe-lesion", "linear-probe", "leader.evaluate.linear_probe:run_linear_probe", "lesion-level linear probe",
+    secondary=("auc_std",), options={"level": "lesion"}, representations="many"))
+FINETUNE = register_protocol(Protocol(
+    "finetune", "finetune", "leader.evaluate.finetune:run_finetune", "full fine-tuning", secondary=("auc_std",),
+    inputs=WEIGHTS))
+RETRIEVAL = register_protocol(Protocol(
+    "retrieval", "retrieval", "leader.evaluate.retrieval:run_retrieval", "zero-shot disease retrieval",
+    secondary=("precision_at_k_std", "k", "n_queries", "chance")))
+ANATOMY = register_protocol(Protocol(
+    "anatomy", "anatomy", "leader.evaluate.anatomy:run_anatomy", "zero-shot anatomy (landmarks)",
+    secondary=("nmi", "silhouette", "knn_accuracy_std", "chance")))
+
+
 @eval_app.command("linear-probe")
 def linear_probe_command(
     shards: Path = SHARDS,
@@ -57,15 +77,13 @@ def linear_probe_command(
     device: str = DEVICE,
 ):
     """Logistic probes per class on frozen features; L2 strength chosen on val, AUC on test."""
-    from leader.evaluate.linear_probe import run_linear_probe
-
     fractions = parse_fractions(fraction)
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("linear probe fits", total=len(fractions) * seeds, rate="")
-        metrics = run_linear_probe(shards, repr_, out, level=level, fractions=fractions, seeds=seeds,
-                                   ensemble=ensemble, cache=cache, device=device, n_boot=n_boot,
-                                   on_fit=lambda: bar.advance(task))
+        metrics = LINEAR_PROBE(shards, repr_, out, level=level, fractions=fractions, seeds=seeds,
+                               ensemble=ensemble, cache=cache, device=device, n_boot=n_boot,
+                               on_fit=lambda: bar.advance(task))
     _done(metrics, out, started)
 
 
@@ -81,10 +99,8 @@ def retrieval_command(
     device: str = DEVICE,
 ):
     """Zero-shot retrieval: diseased test patches query the test images by cosine similarity."""
-    from leader.evaluate.retrieval import run_retrieval
-
     started = time.perf_counter()
-    metrics = run_retrieval(shards, repr_, out, k=k, n_queries=queries, seed=seed, cache=cache, device=device)
+    metrics = RETRIEVAL(shards, [repr_], out, k=k, n_queries=queries, seed=seed, cache=cache, device=device)
     _done(metrics, out, started)
 
 
@@ -100,10 +116,8 @@ def anatomy_command(
     device: str = DEVICE,
 ):
     """Zero-shot anatomy on landmark patches: kNN accuracy, k-means NMI, silhouette, t-SNE."""
-    from leader.evaluate.anatomy import run_anatomy
-
     started = time.perf_counter()
-    metrics = run_anatomy(shards, repr_, out, k=k, n_folds=folds, seed=seed, cache=cache, device=device)
+    metrics = ANATOMY(shards, [repr_], out, k=k, n_folds=folds, seed=seed, cache=cache, device=device)
     _done(metrics, out, started)
 
 
@@ -124,15 +138,13 @@ def finetune_command(
     device: str = DEVICE,
 ):
     """Full fine-tuning of a backbone with a linear head on the image labels (AdamW, cosine, early stopping)."""
-    from leader.evaluate.finetune import FinetuneConfig, run_finetune
-
-    cfg = FinetuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, augment=augment)
     fractions = parse_fractions(fraction)
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("fine-tuning epochs", total=len(fractions) * seeds * epochs, rate="")
-        metrics = run_finetune(shards, repr_, out, cfg=cfg, fractions=fractions, seeds=seeds, image_size=image_size,
-                               device=device, n_boot=n_boot, on_epoch=lambda n: bar.advance(task, n))
+        metrics = FINETUNE(shards, [repr_], out, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
+                           augment=augment, fractions=fractions, seeds=seeds, image_size=image_size,
+                           device=device, n_boot=n_boot, on_epoch=lambda n: bar.advance(task, n))
     _done(metrics, out, started)
 
 

@@ -37,10 +37,10 @@ from leader.evaluate.items import ItemTable, label_matrix, patient_subset, read_
 from leader.evaluate.linear_probe import ProbeLabels, evaluable_classes
 from leader.evaluate.results import write_metrics
 from leader.evaluate.stats import auc_summary, per_class_auc
+from leader.network_input import IMAGENET_MEAN, IMAGENET_STD, normalise_input
+from leader.schedule import warmup_cosine
 from leader.views import IDENTITY, ViewSpec, replay_views, sample_view_params
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -67,11 +67,7 @@ class BackboneSource:
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 1, S, S) in [0, 1] -> backbone input (grayscale replicated, or one channel)."""
-        mean = torch.tensor(self.mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-        if self.in_chans == 1:
-            return (pixels - mean.mean()) / std.mean()
-        return (pixels.expand(-1, 3, -1, -1) - mean) / std
+        return normalise_input(pixels, self.in_chans, self.mean, self.std)
 
 
 def backbone_source(spec: str, image_size: int | None = None, device: str = "cpu") -> BackboneSource:
@@ -191,12 +187,7 @@ def train_one(source: BackboneSource, data: FinetuneData, train_index: np.ndarra
     steps_per_epoch = math.ceil(len(train_index) / cfg.batch_size)
     total, warmup = cfg.epochs * steps_per_epoch, steps_per_epoch
 
-    def warmup_cosine(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, total, warmup))
     images, labels = data.images["train"][train_index], torch.as_tensor(data.labels["train"][train_index], dtype=torch.float32)
     keys = [data.keys["train"][i] for i in train_index]
     spec, rng = ViewSpec(), np.random.default_rng(seed)
@@ -289,10 +280,14 @@ def load_finetune_data(shards_dir, class_names: list[str], image_size: int) -> F
     )
 
 
-def run_finetune(shards_dir, backbone: str, out, *, cfg: FinetuneConfig | None = None, fractions=(1.0,),
-                 seeds: int = 1, image_size: int | None = None, device: str = "cpu", n_boot: int = 1000,
-                 on_epoch: Callable[[int], None] | None = None) -> dict:
-    cfg = cfg or FinetuneConfig()
+def run_finetune(shards_dir, backbone: str, out, *, fractions=(1.0,), seeds: int = 1, image_size: int | None = None,
+                 device: str = "cpu", n_boot: int = 1000, on_epoch: Callable[[int], None] | None = None,
+                 **recipe) -> dict:
+    """Fine-tune `backbone` on a shard set's image labels; recipe: FinetuneConfig's fields (epochs, lr, ...)."""
+    unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
+    if unknown:
+        raise LeaderError(f"finetune: unknown setting(s) {unknown}; known: {sorted(FinetuneConfig.__dataclass_fields__)}")
+    cfg = FinetuneConfig(**recipe)
     source = backbone_source(backbone, image_size)
     class_names = ItemTable.load(shards_dir).label_names
     data = load_finetune_data(shards_dir, class_names, source.image_size)

@@ -20,7 +20,7 @@ import numpy as np
 
 from leader.errors import LeaderError
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_samples
+from leader.shards.layout import item_key, iter_samples
 
 KINDS = ("image", "diseased", "healthy", "landmark")
 
@@ -61,7 +61,7 @@ class ItemTable:
                           labels=meta["labels"])
             items.append(Item(row=start, key=sample.key, kind="image", label=None, box=None, **common))
             for j, patch in enumerate(meta["patches"]):
-                items.append(Item(row=start + 1 + j, key=f"{sample.key}#p{j}", kind=patch["kind"],
+                items.append(Item(row=start + 1 + j, key=item_key(sample.key, j), kind=patch["kind"],
                                   label=patch["label"], box=tuple(patch["box"]), **common))
         if len(items) != manifest.n_items:
             raise LeaderError(f"{shards_dir}: the shards hold {len(items)} items but the manifest says {manifest.n_items}")

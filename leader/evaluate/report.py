@@ -37,17 +37,10 @@ from pathlib import Path
 from leader.errors import LeaderError
 from leader.evaluate.compare import compare_metrics
 from leader.evaluate.figures import auc_bars
+from leader.evaluate.protocols import protocols
 from leader.evaluate.results import METRICS_NAME, load_metrics
 from leader.io import atomic_write_text
 
-PROTOCOL_ORDER = ("linear-probe", "linear-probe-lesion", "finetune", "retrieval", "anatomy")
-SECONDARY = {
-    "linear-probe": ("auc_std",),
-    "linear-probe-lesion": ("auc_std",),
-    "finetune": ("auc_std",),
-    "retrieval": ("precision_at_k_std", "k", "n_queries", "chance"),
-    "anatomy": ("nmi", "silhouette", "knn_accuracy_std", "chance"),
-}
 CLAIM_KEYS = {"name", "protocol", "metric", "subject", "reference", "value", "times", "plus"}
 
 
@@ -161,8 +154,10 @@ def _cell(m: dict) -> str:
 
 
 def _protocols(metrics: list[dict]) -> list[str]:
+    """The protocols present, in the registry's order; any unregistered ones after, by name."""
     present = {m["protocol"] for m in metrics}
-    return [p for p in PROTOCOL_ORDER if p in present] + sorted(present - set(PROTOCOL_ORDER))
+    order = [p.name for p in protocols()]
+    return [p for p in order if p in present] + sorted(present - set(order))
 
 
 def combined_auc_figures(metrics: list[dict], figure_dir: Path) -> dict[str, Path]:
@@ -211,7 +206,8 @@ def _protocol_section(protocol: str, group: list[dict], report_dir: Path, combin
     primary = group[0]["primary"]
     ranked = sorted(group, key=lambda m: -m[primary])
     best = ranked[0]
-    extra = [k for k in SECONDARY.get(protocol, ()) if any(k in m for m in group)]
+    secondary = {p.name: p.secondary for p in protocols()}.get(protocol, ())
+    extra = [k for k in secondary if any(k in m for m in group)]
     lines = [f"## {protocol}", "", f"Samples for the t-test: {best['samples']['over']}. "
              f"Each row is compared with the best, `{best['representation']}` (scipy `ttest_ind`, alpha 0.05).", ""]
     headers = ["representation", primary, *extra, "vs best"]

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from leader.errors import LeaderError
+from leader.shards.layout import default_cache_path
 from leader.shards.manifest import Manifest
 
 FORMS = "run:RUN[:HEAD], teacher:NAME or concat:A+B"
@@ -100,7 +101,7 @@ def teacher_features(name: str, shards_dir: Path, rows: np.ndarray, cache_path: 
     from leader.precompute.cache import TeacherCache
 
     manifest = Manifest.load(shards_dir)
-    cache_path = cache_path or shards_dir / "cache.zarr"
+    cache_path = cache_path or default_cache_path(shards_dir)
     cache = TeacherCache.open(cache_path)
     cache.check_against(manifest)
     if name not in cache.teachers:

@@ -29,7 +29,7 @@ from leader.evaluate.items import ItemTable, label_matrix, read_images, rows_of
 from leader.evaluate.representations import features, parse_representation
 from leader.evaluate.results import write_metrics
 from leader.shards.crop import crop_patch
-from leader.shards.reader import to_float
+from leader.views import to_unit_float
 
 
 @dataclass
@@ -133,7 +133,7 @@ def run_retrieval(shards_dir, representation: str, out, *, k: int = 100, n_queri
     retrieval_grid(
         crop_patch(images[query.sample_key], query.box, 96),
         shown.label,
-        [to_float(images[gallery[i].key]) for i in shown.top],
+        [to_unit_float(images[gallery[i].key]).numpy() for i in shown.top],
         shown.relevant.tolist(),
         out / "retrieval_grid.png",
         title=f"{rep}: top {len(shown.top)} for a {shown.label} patch (precision@{shown.k} = {shown.precision:.2f})",

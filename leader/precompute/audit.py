@@ -24,7 +24,7 @@ from leader.errors import LeaderError
 from leader.precompute.cache import utc_now
 from leader.precompute.run import render_sample_views
 from leader.precompute.teachers import Teacher
-from leader.shards.reader import iter_samples
+from leader.shards.layout import iter_samples
 from leader.views import IDENTITY, ViewSpec, sample_family_params, view_param_families
 
 

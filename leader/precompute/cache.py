@@ -30,7 +30,6 @@ import datetime
 import fcntl
 import hashlib
 import json
-import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -41,13 +40,12 @@ from zarr.codecs import BloscCodec
 import leader
 from leader.errors import LeaderError
 from leader.io import open_input
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, item_keys, iter_shard_metas
 from leader.shards.manifest import KEYS_NAME, Manifest
 from leader.views import K, ViewSpec, sample_view_params
 
 FORMAT = "leader-cache/1"
 LOCK_NAME = ".leader.lock"
-KIND_CODES = {"image": 0, "diseased": 1, "healthy": 2, "landmark": 3}
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 DTYPES = ("float16", "float32")
 
 # Embeddings barely compress (measured on pooled ResNet features and on signed 1376-d vectors:
@@ -91,26 +89,6 @@ def keys_fingerprint(manifest: Manifest) -> str:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()
-
-
-def item_keys(sample_key: str, n_items: int) -> list[str]:
-    """The image item is the sample key; patch j is `key#p<j>`."""
-    return [sample_key] + [f"{sample_key}#p{j}" for j in range(n_items - 1)]
-
-
-def iter_shard_metas(shard_path: Path) -> Iterator[dict]:
-    """The json member of every sample in a shard, in order, without reading the images.
-
-    A plain tar opened for random access skips each member's data by seeking, so listing a
-    gigabyte shard reads only its headers and its small json members.
-    """
-    try:
-        with open_input(shard_path, "rb") as stream, tarfile.open(fileobj=stream, mode="r:") as tar:
-            for member in tar:
-                if member.isfile() and member.name.endswith(".json"):
-                    yield json.loads(tar.extractfile(member).read())
-    except (tarfile.TarError, OSError, json.JSONDecodeError) as e:
-        raise LeaderError(f"shard {shard_path} is unreadable: {e}") from None
 
 
 def utc_now() -> str:
@@ -463,7 +441,7 @@ def _key_problems(cache: TeacherCache, manifest: Manifest, max_listed: int) -> l
             key, n = next(listed, (None, 0))
             if key is None:
                 return problems + [f"{KEYS_NAME} ends before row {a + len(expected)} of shard {shard.name}"]
-            expected += item_keys(key, n)
+            expected += item_keys(key, n - 1)
         stored = cache.read_keys(a, b)
         if stored != expected:
             row = next(i for i, (x, y) in enumerate(zip(stored, expected)) if x != y) if len(stored) == len(expected) else 0
@@ -577,7 +555,7 @@ def _write_shared_arrays(group: zarr.Group, manifest: Manifest, n_views: int, vi
                 if patch.get("kind") not in KIND_CODES:
                     raise LeaderError(f"shard {shard.name}: patch {j} of {key!r} has kind {patch.get('kind')!r}")
                 kind_codes.append(KIND_CODES[patch["kind"]])
-            buffer["key"].extend(item_keys(key, n_items))
+            buffer["key"].extend(item_keys(key, n_items - 1))
             buffer["kind"].extend(kind_codes)
             buffer["split"].extend([SPLIT_CODES[split]] * n_items)
             row += n_items

@@ -16,7 +16,7 @@ import click
 import typer
 
 from leader.errors import LeaderError
-from leader.options import parse_key_values
+from leader.runtime import parse_key_values
 
 precompute_app = typer.Typer(
     help="Run a teacher once over every item of a shard set into the Zarr teacher cache (resumable; "

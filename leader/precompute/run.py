@@ -22,26 +22,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from leader.errors import LeaderError
-from leader.precompute.cache import (
-    KIND_CODES, SPLIT_CODES, TeacherCache, iter_shard_metas, local_store_path, utc_now)
+from leader.precompute.cache import TeacherCache, local_store_path, utc_now
 from leader.precompute.teachers import Teacher, create_teacher
+from leader.runtime import StopOnSigterm, local_device, torchrun_position
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
-from leader.shards.reader import Sample, iter_shard, to_float
-from leader.views import ViewSpec, replay_views
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, Sample, default_cache_path, iter_shard, iter_shard_metas
+from leader.views import ViewSpec, replay_views, to_unit_float
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +157,10 @@ def render_group_views(images: Sequence[np.ndarray], patch_boxes: Sequence[Seque
 def _unit_pixels(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
     """The image in [0, 1] as float32 on the device. 8-bit pixels travel as bytes (a quarter of the
     copy) and are scaled there; 16-bit ones are scaled on the host, as 16-bit integer tensors have
-    few kernels on accelerators. Both give to_float's values."""
+    few kernels on accelerators. Both give to_unit_float's values."""
     if image.dtype == np.uint8:
         return torch.from_numpy(image).to(device).float().div_(255.0)
-    return torch.from_numpy(image if image.dtype == np.float32 else to_float(image)).to(device)
+    return (torch.from_numpy(image) if image.dtype == np.float32 else to_unit_float(image)).to(device)
 
 
 @dataclass
@@ -247,40 +245,6 @@ class PrecomputeResult:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
-class _StopOnSigterm:
-    """SIGTERM asks the loop to stop after the shard it is in; the run then exits cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-        self._installed = False
-
-    def __enter__(self) -> "_StopOnSigterm":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def distributed_position(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """(rank, world size) from the arguments, else from RANK/WORLD_SIZE as torchrun sets them."""
-    try:
-        rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
-        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
-    except ValueError:
-        raise LeaderError(f"RANK={os.environ.get('RANK')!r} / WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} must be integers") from None
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LeaderError(f"rank {rank} is not within world size {world_size}")
-    return rank, world_size
-
-
 def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, teacher_name: str = "disease",
                kind: str | None = None, model: str | Path | None = None, views: int = 4, batch_size: int = 32,
                device: str = "cpu", options: dict | None = None, dtype: str = "float16",
@@ -302,14 +266,14 @@ def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, tea
         decode_threads = min(8, os.cpu_count() or 1)
     if decode_threads < 0:
         raise LeaderError(f"--decode-threads must be 0 or more, got {decode_threads}")
-    rank, world_size = distributed_position(rank, world_size)
+    position = torchrun_position(rank, world_size)
+    rank, world_size = position.rank, position.world_size
     manifest = Manifest.load(shards_dir)
-    cache_path = str(cache_path) if cache_path is not None else str(Path(shards_dir) / "cache.zarr")
+    cache_path = str(cache_path if cache_path is not None else default_cache_path(shards_dir))
     if world_size > 1 and local_store_path(cache_path) is None:
         raise LeaderError(f"cache {cache_path} is not on a local file system: {world_size} ranks cannot lock it "
                           "to share its boundary chunks; precompute into a local (or shared POSIX) directory and copy it")
-    if device == "cuda" and "LOCAL_RANK" in os.environ:      # one GPU per local rank under torchrun
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device = local_device(device)                         # one GPU per local rank under torchrun
 
     own_teacher = teacher is None
     if teacher is None:
@@ -343,7 +307,7 @@ def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n
     start = time.perf_counter()
     if on_progress is not None:
         on_progress(0, total)
-    with _StopOnSigterm() as stop:
+    with StopOnSigterm() as stop:
         for shard_index in todo:
             shard = manifest.shards[shard_index]
             a, b = shard.rows
@@ -414,7 +378,7 @@ def _decode(sample: Sample) -> np.ndarray:
     """The stored pixels, ready for the device: 8-bit as they are, 16-bit already in [0, 1]."""
     try:
         image = sample.image()
-        return image if image.dtype == np.uint8 else to_float(image)
+        return image if image.dtype == np.uint8 else to_unit_float(image).numpy()
     except (OSError, ValueError, TypeError) as e:        # PIL's errors for a damaged PNG are OSErrors
         raise LeaderError(f"sample {sample.key!r}: its stored image does not decode ({e}); the shard is "
                           "damaged, so rebuild it with `leader shards build`") from None

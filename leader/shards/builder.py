@@ -11,7 +11,6 @@ pre-emption) lets the shard in progress finish, then stops with `BuildStopped`.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -19,8 +18,6 @@ import math
 import multiprocessing as mp
 import re
 import shutil
-import signal
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +28,7 @@ from PIL import Image
 import leader
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from leader.runtime import StopOnSigterm, ignore_sigterm
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry
 from leader.shards.png import encode_png
 from leader.shards.patches import (
@@ -356,9 +354,9 @@ class ShardBuilder:
         chunk = max(16, 64 * workers)
         # Workers ignore SIGTERM: a scheduler signals the whole process group, and the main process
         # still needs them to finish the shard in progress.
-        pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigterm) if workers > 1 else None
+        pool = mp.get_context("spawn").Pool(workers, initializer=ignore_sigterm) if workers > 1 else None
         try:
-            with _stop_on_sigterm() as stop:
+            with StopOnSigterm() as stop:
                 while True:
                     batch = list(_take(jobs, chunk))
                     if not batch:
@@ -376,7 +374,7 @@ class ShardBuilder:
                         if len(pending) == self.s.shard_size:
                             self.write_shard(pending, pending_rejects, consumed=r.index + 1)
                             pending, pending_rejects = [], []
-                            if stop.is_set():
+                            if stop.requested:
                                 raise BuildStopped(len(self.completed) - 1, self.completed[-1]["name"])
                     if on_progress:
                         on_progress(done, len(self.completed))
@@ -444,24 +442,6 @@ class ShardBuilder:
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_dict())
         shutil.rmtree(self.state_dir, ignore_errors=True)
         return manifest
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[threading.Event]:
-    """An event that SIGTERM sets, for the time of the build (main thread only: elsewhere, none)."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _ignore_sigterm() -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _take(it: Iterator, n: int):

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from leader.errors import LeaderError
-from leader.options import parse_key_values
+from leader.runtime import parse_key_values
 
 app = typer.Typer(help="Build and inspect WebDataset shard sets.", no_args_is_help=True)
 

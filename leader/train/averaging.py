@@ -3,12 +3,12 @@
     average = WeightAverage.start(student, decay=0.995)
     ...                                   # after every optimizer step:
     average.update(student)
-    checkpoint["weight_average"] = average.state_dict()
-    weights = inference_weights(checkpoint)   # the average if the run kept one, else the weights
+    Checkpoint(..., weight_average=average.state_dict()).save(run)
+    weights = Checkpoint.load(run).inference_weights()   # the average if the run kept one
 
 Training always continues from the raw weights, so a resumed run follows the same loss curve with
 or without an average; the average is saved beside them and continues from where it was.
-Evaluation, `leader embed` and `leader export` take `inference_weights`. Floating-point buffers
+Evaluation, `leader embed` and `leader export` take `Checkpoint.inference_weights()`. Floating-point buffers
 (BatchNorm's running mean and variance) are averaged like the weights, other buffers are copied.
 
 The decay starts low, min(decay, (1 + n) / (10 + n)) after n updates, so the average does not keep
@@ -20,9 +20,6 @@ import torch
 from torch import nn
 
 from leader.errors import LeaderError
-
-CHECKPOINT_KEY = "weight_average"
-
 
 class WeightAverage:
     def __init__(self, decay: float, weights: dict[str, torch.Tensor], updates: int = 0):
@@ -65,9 +62,3 @@ class WeightAverage:
 
     def state_dict(self) -> dict:
         return {"weights": self.weights, "updates": self.updates, "decay": self.decay}
-
-
-def inference_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """The weights a run's embeddings come from: its average when it kept one."""
-    average = checkpoint.get(CHECKPOINT_KEY)
-    return average["weights"] if average else checkpoint["model"]

@@ -1,17 +1,22 @@
 """Checkpoints: everything a killed run needs to continue exactly where it was.
 
+    Checkpoint(model=..., target_norm=..., ...).save("runs/demo")
+    checkpoint = Checkpoint.load("runs/demo")
+    student.load_state_dict(checkpoint.inference_weights())
+
 `RUN/checkpoint.pt` holds the student (backbone and heads), the target normalisation, the
-optimizer, the position (phase, step within the phase; the data position follows from it), the
-random states of every rank and the resolved config. It is written to a temporary file and renamed,
-so a kill leaves the previous checkpoint intact, and read with `torch.load(weights_only=True)`:
-only tensors and plain containers, nothing that executes on load.
+optimizer, the position (which segment of the schedule, how many steps into it; the data position
+follows from it), the random states of every rank, the resolved config, the teachers' dimensions,
+the cache's patch size, what the run was trained on, and the weight average if the run keeps one.
+It is written to a temporary file and renamed, so a kill leaves the previous checkpoint intact, and
+read with `torch.load(weights_only=True)`: only tensors and plain containers, nothing that executes
+on load.
 """
 from __future__ import annotations
 
 import io
-import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +32,57 @@ CHECKPOINT_NAME = "checkpoint.pt"
 
 @dataclass
 class TrainState:
-    phase: int = 0                  # index into config.phases
-    step_in_phase: int = 0          # optimizer steps done in that phase
+    segment: int = 0                # index into the run's schedule: (round, phase) passes in order
+    step_in_segment: int = 0        # optimizer steps done in that segment
     global_step: int = 0            # optimizer steps done in the run
     samples: int = 0                # training tuples seen (all ranks)
     finished: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainState":
+        # Runs saved before schedules had rounds counted phases; a sequential schedule's segments
+        # are its phases, so those positions carry over as they are.
+        d = dict(d)
+        if "phase" in d:
+            d["segment"], d["step_in_segment"] = d.pop("phase"), d.pop("step_in_phase")
+        return cls(**d)
+
+
+@dataclass
+class Checkpoint:
+    model: dict                     # the student's state dict (backbone.*, heads.<teacher>.*)
+    target_norm: dict
+    optimizer: dict
+    state: TrainState
+    rng: list                       # capture_rng() of every rank
+    config: dict                    # the resolved TrainConfig, as a dict
+    head_dims: dict                 # teacher -> target dimension
+    patch_size: int                 # the side the caches cut patches at
+    sources: dict                   # TrainingSources.describe(): shard sets, caches, teachers
+    weight_average: dict | None = None     # WeightAverage.state_dict() when the run keeps one
+
+    def inference_weights(self) -> dict:
+        """The weights a run's embeddings come from: its weight average when it kept one."""
+        return self.weight_average["weights"] if self.weight_average else self.model
+
+    def save(self, run_dir: str | Path) -> Path:
+        payload = {**{f.name: getattr(self, f.name) for f in fields(self)}, "state": self.state.to_dict()}
+        return save_checkpoint(run_dir, payload)
+
+    @classmethod
+    def load(cls, run: str | Path) -> "Checkpoint":
+        """The checkpoint of a run directory (or a checkpoint file given directly)."""
+        payload = load_checkpoint(run)
+        missing = [f.name for f in fields(cls) if f.name not in payload and f.name != "weight_average"]
+        if missing:
+            raise LeaderError(f"{checkpoint_path(run)} lacks {', '.join(missing)}: it is not a complete leader "
+                              "training checkpoint")
+        values = {f.name: payload.get(f.name) for f in fields(cls)}
+        values["state"] = TrainState.from_dict(payload["state"])
+        return cls(**values)
 
 
 def capture_rng() -> dict:

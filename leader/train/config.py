@@ -18,11 +18,13 @@ import yaml
 
 from leader.errors import LeaderError
 from leader.io import atomic_write_text
+from leader.network_input import IMAGENET_MEAN, IMAGENET_STD
+from leader.runtime import split_key_value
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TARGET_NORMS = ("l2", "standardize", "none")
 STREAMS = ("images", "pairs")
+HEADS = ("mlp", "dino")
+LOSSES = ("mse", "cross_entropy")
 
 
 @dataclass
@@ -34,7 +36,10 @@ class ModelConfig:
     pretrained_file: str | None = None            # local timm weights to start from (never downloaded)
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-    head_hidden: int = 2048                       # width of each 2-layer MLP head
+    head: str = "mlp"                             # "mlp": the paper's Linear-GELU-Linear; "dino": the authors' code's head
+    head_hidden: int = 2048                       # hidden width of each head
+    head_layers: int = 2                          # dino only: layers of its MLP before the bottleneck (the code's flag)
+    head_bottleneck: int = 256                    # dino only: the normalised bottleneck before the last layer
 
 
 @dataclass
@@ -54,10 +59,40 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple = (0.9, 0.999)
     warmup_steps: int = 500
+    warmup_fraction: float | None = None          # warm-up as a fraction of the scheduled steps (wins over warmup_steps)
     min_lr_ratio: float = 0.01                    # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0                        # max global grad norm; 0 turns clipping off
     grad_accum: int = 1                           # micro-batches per optimizer step
     ema_decay: float = 0.0                        # > 0: keep an average of the weights; embed/export use it
+    fused: bool | None = None                     # AdamW's fused kernel; None: on CUDA (foreach elsewhere)
+
+
+@dataclass
+class LossConfig:
+    """What each branch minimises between its head's output and the teacher's target.
+
+    mse: the paper's mean squared error (after target_norm).
+    cross_entropy: the paper's Fig. 10 alternative, H(softmax(t / teacher_temperature),
+    softmax(s / student_temperature)) over the embedding dimensions, on the target_norm-ed vectors.
+    """
+
+    kind: str = "mse"
+    student_temperature: float = 0.1
+    teacher_temperature: float = 0.04
+
+
+@dataclass
+class ScheduleConfig:
+    """How the phases follow each other, and the learning rate over them.
+
+    rounds 0 (sequential): each phase runs all its epochs/steps before the next, and the learning
+    rate warms up and decays within each phase.
+    rounds R >= 1 (Algorithm 1): R rounds, each one pass of every phase in order, where a phase's
+    epochs/steps are per pass (a pass may be a fraction of an epoch); one warm-up and one cosine
+    decay span the whole run.
+    """
+
+    rounds: int = 0
 
 
 @dataclass
@@ -70,8 +105,8 @@ class PhaseConfig:
     branches: list = field(default_factory=lambda: ["disease"])
     epochs: float | None = None                   # give epochs or steps (optimizer steps)
     steps: int | None = None
-    lr: float | None = None                       # None: optim.lr
-    warmup_steps: int | None = None               # None: optim.warmup_steps
+    lr: float | None = None                       # None: optim.lr (sequential schedule only)
+    warmup_steps: int | None = None               # None: optim.warmup_steps (sequential schedule only)
 
 
 @dataclass
@@ -92,6 +127,8 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     phases: list = field(default_factory=list)    # list[PhaseConfig]
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -154,13 +191,7 @@ def _merged(defaults: dict, given: dict) -> dict:
 
 def apply_override(d: dict, item: str) -> None:
     """`a.b.c=value` (list items by index: `phases.1.steps=10`); the value is read as YAML."""
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise LeaderError(f"--set {item!r} is not key=value")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+    key, value = split_key_value(item, "--set")
     parts = key.split(".")
     node: Any = d
     for depth, part in enumerate(parts):
@@ -207,6 +238,18 @@ def validate(cfg: TrainConfig) -> None:
         raise LeaderError(f"optim.ema_decay must be 0 (off) or in (0, 1), got {cfg.optim.ema_decay}")
     if cfg.optim.grad_accum < 1:
         raise LeaderError("optim.grad_accum must be at least 1")
+    if cfg.model.head not in HEADS:
+        raise LeaderError(f"model.head must be one of {', '.join(HEADS)}, got {cfg.model.head!r}")
+    if cfg.model.head == "dino" and not 1 <= cfg.model.head_layers <= 8:
+        raise LeaderError(f"model.head_layers must be between 1 and 8, got {cfg.model.head_layers}")
+    if cfg.loss.kind not in LOSSES:
+        raise LeaderError(f"loss.kind must be one of {', '.join(LOSSES)}, got {cfg.loss.kind!r}")
+    if cfg.loss.student_temperature <= 0 or cfg.loss.teacher_temperature <= 0:
+        raise LeaderError("loss temperatures must be positive")
+    if cfg.optim.warmup_fraction is not None and not 0.0 <= cfg.optim.warmup_fraction < 1.0:
+        raise LeaderError(f"optim.warmup_fraction must be in [0, 1), got {cfg.optim.warmup_fraction}")
+    if cfg.schedule.rounds < 0:
+        raise LeaderError(f"schedule.rounds must be 0 (sequential phases) or a number of rounds, got {cfg.schedule.rounds}")
     if cfg.run.precision not in ("bf16", "fp32"):
         raise LeaderError(f"run.precision must be bf16 or fp32, got {cfg.run.precision!r}")
     if not cfg.phases:
@@ -226,6 +269,9 @@ def validate(cfg: TrainConfig) -> None:
             raise LeaderError(f"{where}: epochs/steps must be positive")
         if not (p.datasets in ("all", "with_boxes") or isinstance(p.datasets, list)):
             raise LeaderError(f"{where}: datasets must be 'all', 'with_boxes' or a list of dataset names")
+        if cfg.schedule.rounds and (p.lr is not None or p.warmup_steps is not None):
+            raise LeaderError(f"{where}: lr and warmup_steps per phase belong to the sequential schedule; with "
+                              f"schedule.rounds one learning-rate curve spans the run (set optim.lr, optim.warmup_*)")
     if cfg.data.caches and len(cfg.data.caches) != len(cfg.data.shards):
         raise LeaderError(f"data.caches lists {len(cfg.data.caches)} caches for {len(cfg.data.shards)} shard sets; "
                           "give one cache per shard set, or none to use <shards>/cache.zarr")
@@ -242,7 +288,8 @@ def _build(cls, d: Any, where: str):
         raise LeaderError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
     values = {}
     for name, value in d.items():
-        sub = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "run": RunConfig}.get(name)
+        sub = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "loss": LossConfig,
+               "schedule": ScheduleConfig, "run": RunConfig}.get(name)
         if cls is TrainConfig and sub is not None:
             value = _build(sub, value, f"{where}: {name}")
         elif isinstance(value, list) and name in ("mean", "std", "betas"):

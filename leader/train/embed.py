@@ -19,9 +19,8 @@ import torch
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes
 from leader.shards.manifest import Manifest
-from leader.shards.reader import iter_shard
-from leader.train.averaging import inference_weights
-from leader.train.checkpoint import load_checkpoint
+from leader.shards.layout import item_keys, iter_shard
+from leader.train.checkpoint import Checkpoint
 from leader.train.config import config_from_dict
 from leader.train.loader import place_on_canvas
 from leader.train.model import Student, create_student
@@ -31,15 +30,13 @@ from leader.views import IDENTITY
 
 def load_student(run: str | Path, device: str | torch.device = "cpu") -> tuple[Student, StudentInput, dict]:
     """The trained student in eval mode, how it wants its input, and the checkpoint's head dims."""
-    checkpoint = load_checkpoint(run)
-    cfg = config_from_dict(checkpoint["config"])
+    checkpoint = Checkpoint.load(run)
+    cfg = config_from_dict(checkpoint.config)
     cfg.model.pretrained_file = None          # the checkpoint holds the weights
-    student = create_student(cfg.model, checkpoint["head_dims"])
-    student.load_state_dict(inference_weights(checkpoint))
+    student = create_student(cfg.model, checkpoint.head_dims)
+    student.load_state_dict(checkpoint.inference_weights())
     student.to(device).eval()
-    student_input = StudentInput(cfg.model.image_size, int(checkpoint["patch_size"]), cfg.model.in_chans,
-                                 tuple(cfg.model.mean), tuple(cfg.model.std))
-    return student, student_input, checkpoint["head_dims"]
+    return student, StudentInput.from_config(cfg.model, checkpoint.patch_size), checkpoint.head_dims
 
 
 @torch.no_grad()
@@ -111,10 +108,10 @@ def write_embeddings(run: str | Path, shards_dir: str | Path, out: str | Path, h
                      batch_size: int = 64, device: str = "cpu") -> Path:
     """`leader embed`: every item of a shard set -> FILE.npz with one array per head, rows and keys."""
     if heads is None:
-        heads = ["backbone", *load_checkpoint(run)["head_dims"]]
+        heads = ["backbone", *Checkpoint.load(run).head_dims]
     arrays = embed_items(run, shards_dir, None, heads, batch_size, device)
     manifest = Manifest.load(shards_dir)
-    keys = [k if j == 0 else f"{k}#p{j - 1}" for k, n in manifest.iter_keys() for j in range(n)]
+    keys = [key for sample_key, n in manifest.iter_keys() for key in item_keys(sample_key, n - 1)]
     buffer = io.BytesIO()
     np.savez(buffer, rows=np.arange(manifest.n_items), keys=np.array(keys), **arrays)
     atomic_write_bytes(out, buffer.getvalue())

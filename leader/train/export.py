@@ -23,8 +23,7 @@ from safetensors.torch import save as safetensors_bytes
 
 import leader
 from leader.io import atomic_write_bytes, atomic_write_json
-from leader.train.averaging import inference_weights
-from leader.train.checkpoint import load_checkpoint
+from leader.train.checkpoint import Checkpoint
 from leader.train.config import config_from_dict
 
 
@@ -33,13 +32,13 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def export_run(run: str | Path, out: str | Path) -> list[Path]:
-    checkpoint = load_checkpoint(run)
-    cfg = config_from_dict(checkpoint["config"])
+    checkpoint = Checkpoint.load(run)
+    cfg = config_from_dict(checkpoint.config)
     out = Path(out)
-    model_state = inference_weights(checkpoint)
+    model_state = checkpoint.inference_weights()
     backbone = {k[len("backbone."):]: v for k, v in model_state.items() if k.startswith("backbone.")}
     heads = {k[len("heads."):]: v for k, v in model_state.items() if k.startswith("heads.")}
-    heads.update({f"target_norm.{k}": v for k, v in checkpoint["target_norm"].items()})
+    heads.update({f"target_norm.{k}": v for k, v in checkpoint.target_norm.items()})
 
     model_args = {"in_chans": cfg.model.in_chans, **cfg.model.kwargs}
     size = cfg.model.image_size
@@ -57,22 +56,30 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
             "notes": "LeADER student: grayscale CXR in [0, 1], replicated to RGB" if cfg.model.in_chans == 3
             else "LeADER student: one-channel grayscale CXR in [0, 1]",
         },
-        "leader": {"version": leader.__version__, "step": checkpoint["state"]["global_step"],
-                   "target_norm": cfg.target_norm, "patch_size": checkpoint["patch_size"]},
+        "leader": {"version": leader.__version__, "step": checkpoint.state.global_step,
+                   "target_norm": cfg.target_norm, "patch_size": checkpoint.patch_size},
     }
     files = [out / "model.safetensors", out / "config.json", out / "heads.safetensors", out / "heads.json"]
     atomic_write_bytes(files[0], safetensors_bytes(_contiguous(backbone), metadata={"format": "pt"}))
     atomic_write_json(files[1], timm_config)
     atomic_write_bytes(files[2], safetensors_bytes(_contiguous(heads), metadata={"format": "pt"}))
-    atomic_write_json(files[3], {"teachers": checkpoint["head_dims"], "hidden": cfg.model.head_hidden,
+    atomic_write_json(files[3], {"teachers": checkpoint.head_dims, "hidden": cfg.model.head_hidden,
                                  "in_features": timm_config["num_features"], "target_norm": cfg.target_norm,
-                                 "layout": "<teacher>.0 = Linear(in, hidden), GELU, <teacher>.2 = Linear(hidden, dim)"})
+                                 "head": cfg.model.head, "layout": HEAD_LAYOUTS[cfg.model.head]})
     return files
+
+
+HEAD_LAYOUTS = {
+    "mlp": "<teacher>.0 = Linear(in, hidden), GELU, <teacher>.2 = Linear(hidden, dim)",
+    "dino": "<teacher>.mlp.* = Linear layers (GELU between) from in to the bottleneck; L2-normalise; "
+            "out = L2-normalise(x @ L2-normalise-rows(<teacher>.directions).T), directions (dim, bottleneck)",
+}
 
 
 def backbone_width(model_state: dict[str, torch.Tensor]) -> int:
     """The pooled feature width: the input width of any head's first layer."""
-    first = next(v for k, v in model_state.items() if k.startswith("heads.") and k.endswith(".0.weight"))
+    first = next(v for k, v in model_state.items()
+                 if k.startswith("heads.") and (k.endswith(".0.weight") or k.endswith(".mlp.0.weight")))
     return first.shape[1]
 
 

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -36,24 +34,22 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from leader.errors import LeaderError
-from leader.shards.reader import decode_png
+from leader.shards.layout import Sample, item_key, iter_shard
+from leader.shards.png import decode_png
 from leader.train.config import PhaseConfig, TrainConfig
 from leader.train.sources import ShardSource, TrainingSources
 from leader.views import IDENTITY, ViewSpec, sample_view_params, view_param_families
 
 log = logging.getLogger(__name__)
 
-PAIR_PATCH_KINDS = ("diseased", "healthy")
-
-
 @dataclass(frozen=True)
 class StreamSpec:
     """Everything a DataLoader worker needs to rebuild a phase's stream (picklable)."""
 
     stream: str                        # "images" | "pairs"
+    patch_kinds: tuple[str, ...]       # the patches paired with their images (pairs stream)
     teachers: tuple[str, ...]
     caches: tuple[str, ...]            # cache path per shard-set index
     shards: tuple[ShardSource, ...]
@@ -71,32 +67,23 @@ class StreamSpec:
     num_workers: int
 
     @classmethod
-    def for_phase(cls, sources: TrainingSources, phase: PhaseConfig, cfg: TrainConfig,
-                  world_size: int) -> "StreamSpec":
-        shards = sources.phase_shards(phase, list(cfg.data.splits))
-        chosen = sources.select(phase)
-        n_views = sources.common_views(phase)
-        online: list[str] = []
-        if n_views == 1:
-            online = sources.approved_families(phase) if cfg.data.online_augment else []
-            log.warning("phase %r: a teacher has only view 0 cached; online augmentation limited to audit-approved "
-                        "families: %s", phase.name, ", ".join(online) or "none (training on view 0 only)")
-        total = sum(s.n_tuples for s in shards)
+    def for_phase(cls, sources: TrainingSources, phase: PhaseConfig, cfg: TrainConfig, world_size: int) -> "StreamSpec":
+        """The phase's stream, from its plan (worked out here, once per phase)."""
+        plan = sources.plan(phase, list(cfg.data.splits), cfg.data.online_augment)
         batch, accum = cfg.data.batch_size, cfg.optim.grad_accum
-        batches = max(accum, total // (world_size * batch) // accum * accum)
+        batches = max(accum, plan.tuples_per_epoch // (world_size * batch) // accum * accum)
         workers = max(1, cfg.data.num_workers)
         units = world_size * workers
-        if len(shards) < units:
+        if len(plan.shards) < units:
             log.warning("phase %r: %d shards for %d rank x worker streams; some shards are read more than once "
-                        "per epoch", phase.name, len(shards), units)
-        caches = [s.cache_path for s in sources.sets]
+                        "per epoch", plan.phase.name, len(plan.shards), units)
+        sets = sources.sets
         return cls(
-            stream=phase.stream, teachers=tuple(phase.branches), caches=tuple(caches), shards=tuple(shards),
-            splits=tuple(cfg.data.splits), seed=int(cfg.seed), n_views=n_views, online_families=tuple(online),
-            view_specs=tuple(s.cache.view_spec.to_dict() for s in sources.sets),
-            view_seeds=tuple(s.cache.seed for s in sources.sets),
-            canvas=max(sources.sets[i].stored_size for i in chosen),
-            batch_size=batch, shuffle_buffer=int(cfg.data.shuffle_buffer), batches_per_epoch=batches,
+            stream=plan.phase.stream, patch_kinds=plan.patch_kinds, teachers=tuple(plan.phase.branches),
+            caches=tuple(s.cache_path for s in sets), shards=plan.shards, splits=tuple(cfg.data.splits),
+            seed=int(cfg.seed), n_views=plan.n_views, online_families=plan.online_families,
+            view_specs=tuple(s.cache.view_spec.to_dict() for s in sets), view_seeds=tuple(s.cache.seed for s in sets),
+            canvas=plan.canvas, batch_size=batch, shuffle_buffer=int(cfg.data.shuffle_buffer), batches_per_epoch=batches,
             units=units, num_workers=int(cfg.data.num_workers),
         )
 
@@ -167,31 +154,10 @@ def shard_list(shards: list[ShardSource]) -> Iterator[ShardSource]:
     return itertools.cycle(shards)
 
 
-def open_shard(url: str):
-    if "://" in url:
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return open(url, "rb")
-
-
-def tar_to_samples(shards: Iterator[ShardSource]) -> Iterator[tuple[ShardSource, Iterator[dict]]]:
-    """Each shard with its samples ({"__key__", "json", "png"}), grouped by WebDataset's tar reader."""
+def tar_to_samples(shards: Iterator[ShardSource]) -> Iterator[tuple[ShardSource, Iterator[Sample]]]:
+    """Each shard with its samples, read by the one shard reader (a damaged tar names the shard)."""
     for shard in shards:
-        stream = open_shard(shard.url)
-        try:
-            yield shard, named_errors(group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])), shard.url)
-        finally:
-            stream.close()
-
-
-def named_errors(samples: Iterator[dict], url: str) -> Iterator[dict]:
-    """A truncated or damaged tar ends the run with one line naming the shard, not a tarfile traceback."""
-    try:
-        yield from samples
-    except (tarfile.TarError, OSError) as e:
-        reason = e.args[0] if e.args else type(e).__name__
-        raise LeaderError(f"shard {url} is unreadable ({reason}); rebuild the shard set") from None
+        yield shard, iter_shard(shard.url)
 
 
 @dataclass
@@ -238,43 +204,36 @@ class JoinCacheBlocks:
         valid = {t: cache.read_valid(t, a, b) for t in self.spec.teachers}
         return ShardBlock(shard, keys, params, targets, valid)
 
-    def __call__(self, shards: Iterator[tuple[ShardSource, Iterator[dict]]]) -> Iterator[tuple[ShardBlock, dict, dict]]:
+    def __call__(self, shards: Iterator[tuple[ShardSource, Iterator[Sample]]]) -> Iterator[tuple[ShardBlock, Sample]]:
         for shard, samples in shards:
             block = self.read_block(shard)
             count, next_row = 0, shard.rows[0]
             for sample in samples:
-                meta = _json(sample, shard)
-                a, b = meta["rows"]
+                a, b = sample.meta["rows"]
                 expected = block.keys[block.row(a):block.row(b)] if shard.rows[0] <= a < b <= shard.rows[1] else []
-                item_keys = [sample["__key__"]] + [f"{sample['__key__']}#p{j}" for j in range(len(meta["patches"]))]
-                if a != next_row or expected != item_keys:
+                if a != next_row or expected != sample.item_keys():
                     held = block.keys[block.row(next_row)] if next_row < shard.rows[1] else "nothing"
                     raise LeaderError(f"cache {self.spec.caches[shard.set_index]} does not match shard {shard.url}: "
-                                      f"row {next_row} holds {held!r} but the shard streams {sample['__key__']!r} "
+                                      f"row {next_row} holds {held!r} but the shard streams {sample.key!r} "
                                       f"(rows {[a, b]}); rebuild the cache with `leader precompute`")
                 count, next_row = count + 1, b
-                yield block, sample, meta
+                yield block, sample
             if count != shard.n_samples:
                 raise LeaderError(f"shard {shard.url} streamed {count} samples; its manifest lists {shard.n_samples}")
-
-
-def _json(sample: dict, shard: ShardSource) -> dict:
-    if "json" not in sample or "png" not in sample:
-        raise LeaderError(f"shard {shard.url}: sample {sample.get('__key__')!r} lacks its json or png member")
-    return json.loads(sample["json"])
 
 
 def expand_to_tuples(spec: StreamSpec):
     """Samples -> training tuples. Images: one per image. Pairs: one per diseased/healthy patch."""
     splits = set(spec.splits)
 
-    def expand(joined: Iterator[tuple[ShardBlock, dict, dict]]) -> Iterator[dict]:
-        for block, sample, meta in joined:
+    def expand(joined: Iterator[tuple[ShardBlock, Sample]]) -> Iterator[dict]:
+        for block, sample in joined:
+            meta = sample.meta
             if meta["split"] not in splits:
                 continue
             r = block.row(meta["rows"][0])
             image = {
-                "key": sample["__key__"], "png": sample["png"], "image_params": block.params[r],
+                "key": sample.key, "png": sample.png, "image_params": block.params[r],
                 "targets": {t: e[r] for t, e in block.targets.items()},
                 "valid": {t: v[r] for t, v in block.valid.items()},
             }
@@ -282,10 +241,10 @@ def expand_to_tuples(spec: StreamSpec):
                 yield image
                 continue
             for j, patch in enumerate(meta["patches"]):
-                if patch["kind"] not in PAIR_PATCH_KINDS:
+                if patch["kind"] not in spec.patch_kinds:
                     continue
                 p = r + 1 + j
-                yield {**image, "patch_key": f"{image['key']}#p{j}",
+                yield {**image, "patch_key": item_key(sample.key, j),
                        "patch_box": np.asarray(patch["box"], dtype=np.float32), "patch_params": block.params[p],
                        "patch_targets": {t: e[p] for t, e in block.targets.items()},
                        "patch_valid": {t: v[p] for t, v in block.valid.items()}}

@@ -1,4 +1,4 @@
-"""The student: a timm backbone and one 2-layer MLP head per teacher, plus target normalisation.
+"""The student: a timm backbone and one head per teacher, plus target normalisation.
 
     student = create_student(cfg.model, head_dims={"disease": 1376, "anatomy": 2048})
     features, outputs = student(x, branches=("disease",))     # E_DA and {"disease": E'_D}
@@ -24,18 +24,56 @@ class MLPHead(nn.Sequential):
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int):
         super().__init__(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        self.out_features = out_dim
+
+
+class DinoHead(nn.Module):
+    """The head of the authors' released code (DINO's projection head): an MLP to a bottleneck,
+    L2-normalised, then a weight-normalised linear layer with its norms fixed at 1 (each output is
+    the cosine to a learned unit direction), L2-normalised again.
+
+    layers 1 is a single Linear to the bottleneck (the code's default `--head_layers 1`); more add
+    hidden Linear-GELU layers of width `hidden` before it.
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int = 2, bottleneck: int = 256):
+        super().__init__()
+        widths = [in_dim] + [hidden] * (layers - 1) + [bottleneck]
+        blocks: list[nn.Module] = []
+        for i in range(layers):
+            blocks.append(nn.Linear(widths[i], widths[i + 1]))
+            if i < layers - 1:
+                blocks.append(nn.GELU())
+        self.mlp = nn.Sequential(*blocks)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.directions = nn.Parameter(torch.empty(out_dim, bottleneck))
+        nn.init.kaiming_uniform_(self.directions, a=5 ** 0.5)        # nn.Linear's own initialisation
+        self.out_features = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.normalize(F.linear(x, F.normalize(self.directions, dim=1)), dim=-1)
+
+
+def create_head(cfg: ModelConfig, in_dim: int, out_dim: int) -> nn.Module:
+    if cfg.head == "dino":
+        return DinoHead(in_dim, cfg.head_hidden, out_dim, cfg.head_layers, cfg.head_bottleneck)
+    return MLPHead(in_dim, cfg.head_hidden, out_dim)
 
 
 class Student(nn.Module):
-    def __init__(self, backbone: nn.Module, head_dims: dict[str, int], hidden: int):
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module]):
         super().__init__()
         self.backbone = backbone
         self.num_features = int(backbone.num_features)
-        self.heads = nn.ModuleDict({name: MLPHead(self.num_features, hidden, dim) for name, dim in head_dims.items()})
+        self.heads = nn.ModuleDict(heads)
 
     @property
     def head_dims(self) -> dict[str, int]:
-        return {name: head[-1].out_features for name, head in self.heads.items()}
+        return {name: head.out_features for name, head in self.heads.items()}
 
     def forward(self, x: torch.Tensor, branches: Iterable[str] | None = None):
         features = self.backbone(x)
@@ -69,7 +107,7 @@ class BranchView(nn.Module):
 def create_backbone(cfg: ModelConfig) -> nn.Module:
     kwargs = dict(cfg.kwargs)
     if cfg.pretrained_file:
-        # Local weights only: timm reads the file, never the hub (DESIGN.md section 8).
+        # Local weights only: timm reads the file, never the hub.
         kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(cfg.pretrained_file), "num_classes": 0})
     try:
         return timm.create_model(cfg.name, num_classes=0, in_chans=cfg.in_chans, **kwargs)
@@ -82,7 +120,10 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
 
 
 def create_student(cfg: ModelConfig, head_dims: dict[str, int]) -> Student:
-    return Student(create_backbone(cfg), head_dims, cfg.head_hidden)
+    """The student a config describes, with one head per teacher sized to that teacher's targets."""
+    backbone = create_backbone(cfg)
+    width = int(backbone.num_features)
+    return Student(backbone, {name: create_head(cfg, width, dim) for name, dim in head_dims.items()})
 
 
 class TargetNorm(nn.Module):

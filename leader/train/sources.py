@@ -1,7 +1,7 @@
 """What a run trains on: shard sets and their teacher caches, checked against each other.
 
     sources = open_sources(["shards/nih14", "shards/vindr"], caches=[], teachers=["disease", "anatomy"])
-    shards = sources.phase_shards(phase, splits=["train"])     # [ShardSource], with tuple counts
+    plan = sources.plan(phase, splits=["train"])     # the phase's shard sets, shards, views, patch kinds
 
 Everything the trainer must refuse is refused here, before a step is taken, with one message that
 names the culprit: a cache made for other shards, a teacher missing from a cache or not finished,
@@ -9,19 +9,19 @@ a teacher whose dimension or weights differ between two datasets' caches.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from leader.errors import LeaderError
-from leader.io import join_path
-from leader.precompute.cache import KIND_CODES, SPLIT_CODES, TeacherCache
+from leader.precompute.cache import TeacherCache
+from leader.shards.layout import KIND_CODES, SPLIT_CODES, TRAINING_PATCH_KINDS, default_cache_path
 from leader.shards.manifest import Manifest
 from leader.train.config import PhaseConfig
 
-IMAGE_KINDS = (KIND_CODES["image"],)
-PAIR_KINDS = (KIND_CODES["diseased"], KIND_CODES["healthy"])      # landmark patches never train
+log = logging.getLogger(__name__)
+
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,41 @@ class TeacherInfo:
     audited: dict[int, list] = field(default_factory=dict)        # set index -> consistent families
 
 
+@dataclass(frozen=True)
+class PhasePlan:
+    """What one phase trains on, worked out once: the shard sets it draws from, their shards with
+    the tuples each yields, the views every teacher of the phase has, the online augmentations
+    allowed when only view 0 is cached, and which patches pair with their images."""
+
+    phase: PhaseConfig
+    sets: tuple[int, ...]                   # indices into TrainingSources.sets
+    shards: tuple[ShardSource, ...]
+    n_views: int
+    online_families: tuple[str, ...]        # audit-approved online augmentations (n_views == 1 only)
+    patch_kinds: tuple[str, ...]            # () for the images stream
+    canvas: int                             # the largest stored size among its sets
+
+    @property
+    def tuples_per_epoch(self) -> int:
+        return sum(s.n_tuples for s in self.shards)
+
+
 @dataclass
 class TrainingSources:
     sets: list[ShardSet]
     teachers: dict[str, TeacherInfo]
+
+    def plan(self, phase: PhaseConfig, splits: list[str], online_augment: bool = True) -> PhasePlan:
+        chosen = self.select(phase)
+        patch_kinds = () if phase.stream == "images" else TRAINING_PATCH_KINDS
+        n_views = min(self.teachers[t].views[i] for t in phase.branches for i in chosen)
+        online: tuple[str, ...] = ()
+        if n_views == 1:
+            online = tuple(self._approved_families(phase, chosen)) if online_augment else ()
+            log.warning("phase %r: a teacher has only view 0 cached; online augmentation limited to audit-approved "
+                        "families: %s", phase.name, ", ".join(online) or "none (training on view 0 only)")
+        return PhasePlan(phase, tuple(chosen), tuple(self._shards(phase, chosen, splits, patch_kinds)), n_views,
+                         online, patch_kinds, max(self.sets[i].stored_size for i in chosen))
 
     def select(self, phase: PhaseConfig) -> list[int]:
         """Indices of the shard sets a phase draws from."""
@@ -93,11 +124,12 @@ class TrainingSources:
                                       f"(it has: {', '.join(self.sets[i].cache.teachers) or 'none'})")
         return chosen
 
-    def phase_shards(self, phase: PhaseConfig, splits: list[str]) -> list[ShardSource]:
+    def _shards(self, phase: PhaseConfig, chosen: list[int], splits: list[str],
+                patch_kinds: tuple[str, ...]) -> list[ShardSource]:
         codes = [SPLIT_CODES[s] for s in splits]
-        kinds = IMAGE_KINDS if phase.stream == "images" else PAIR_KINDS
+        kinds = [KIND_CODES[k] for k in (patch_kinds or ("image",))]
         out = []
-        for i in self.select(phase):
+        for i in chosen:
             s = self.sets[i]
             use = np.isin(s.kinds, kinds) & np.isin(s.splits, codes)
             for j, entry in enumerate(s.manifest.shards):
@@ -108,18 +140,14 @@ class TrainingSources:
         if not out:
             what = "whole images" if phase.stream == "images" else "diseased or healthy patches"
             raise LeaderError(f"phase {phase.name!r} has nothing to train on: no {what} in split(s) {splits} "
-                              f"of {[self.sets[i].dataset for i in self.select(phase)]}")
+                              f"of {[self.sets[i].dataset for i in chosen]}")
         return out
 
-    def common_views(self, phase: PhaseConfig) -> int:
-        """Views cached by every teacher of the phase in every shard set it reads."""
-        return min(self.teachers[t].views[i] for t in phase.branches for i in self.select(phase))
-
-    def approved_families(self, phase: PhaseConfig) -> list[str]:
+    def _approved_families(self, phase: PhaseConfig, chosen: list[int]) -> list[str]:
         """Augmentation families every teacher of the phase was audited invariant to, in every cache."""
         families = None
         for t in phase.branches:
-            for i in self.select(phase):
+            for i in chosen:
                 f = set(self.teachers[t].audited.get(i) or [])
                 families = f if families is None else families & f
         return sorted(families or [])
@@ -157,10 +185,6 @@ class TrainingSources:
         }
 
 
-def default_cache(root: str) -> str:
-    return str(join_path(root, "cache.zarr"))
-
-
 def open_sources(shards: list[str], caches: list[str], teachers: list[str]) -> TrainingSources:
     """Open every shard set with its cache and check that they agree with each other and the teachers."""
     if not shards:
@@ -170,7 +194,7 @@ def open_sources(shards: list[str], caches: list[str], teachers: list[str]) -> T
     sets: list[ShardSet] = []
     for i, root in enumerate(shards):
         manifest = Manifest.load(root)
-        cache_path = caches[i] if caches else default_cache(root)
+        cache_path = caches[i] if caches else str(default_cache_path(root))
         cache = TeacherCache.open(cache_path)
         cache.check_against(manifest)
         sets.append(ShardSet(str(root), str(cache_path), manifest, cache,

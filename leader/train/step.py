@@ -14,7 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from leader.network_input import normalise_input
 from leader.shards.crop import crop_patch
+from leader.train.config import LossConfig, ModelConfig
 from leader.train.model import TargetNorm
 from leader.views import replay_views
 
@@ -64,15 +66,28 @@ def render_patches(images: torch.Tensor, hw, boxes, params, patch_size: int, out
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the rows whose target exists (an import teacher may lack some).
-
-    Invalid rows hold NaN in the cache; they are replaced before the subtraction, because NaN * 0
-    is still NaN.
-    """
-    valid = valid.to(pred.device)
-    target = torch.where(valid[:, None], target, torch.zeros((), dtype=target.dtype, device=target.device))
+    """Mean squared error over the rows whose target exists (an import teacher may lack some)."""
+    target, valid = _fill_invalid(target, valid, pred.device)
     per_row = (pred - target).square().mean(dim=-1)
     return (per_row * valid).sum() / valid.sum().clamp_min(1)
+
+
+def masked_cross_entropy(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                         student_temperature: float, teacher_temperature: float) -> torch.Tensor:
+    """H(softmax(target / teacher_t), softmax(pred / student_t)) over the embedding dimensions, mean
+    over the rows whose target exists: the paper's cross-entropy ablation, the distillation loss of
+    DINO (a sharper teacher distribution than the student's)."""
+    target, valid = _fill_invalid(target, valid, pred.device)
+    teacher = torch.softmax(target / teacher_temperature, dim=-1)
+    per_row = -(teacher * torch.log_softmax(pred / student_temperature, dim=-1)).sum(dim=-1)
+    return (per_row * valid).sum() / valid.sum().clamp_min(1)
+
+
+def _fill_invalid(target: torch.Tensor, valid: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Invalid rows hold NaN in the cache; they are zeroed before any arithmetic, because NaN * 0 is
+    # still NaN.
+    valid = valid.to(device)
+    return torch.where(valid[:, None], target, torch.zeros((), dtype=target.dtype, device=target.device)), valid
 
 
 @dataclass
@@ -84,14 +99,14 @@ class StudentInput:
     std: tuple
     channels_last: bool = False
 
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, patch_size: int, channels_last: bool = False) -> "StudentInput":
+        """How the student of `cfg` takes its input, patches cut at the cache's `patch_size`."""
+        return cls(cfg.image_size, int(patch_size), cfg.in_chans, tuple(cfg.mean), tuple(cfg.std), channels_last)
+
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 1, r, r) in [0, 1] -> what the backbone takes: ImageNet-normalised RGB or one channel."""
-        mean = torch.tensor(self.mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
-        if self.in_chans == 1:
-            x = (pixels - mean.mean()) / std.mean()
-        else:
-            x = (pixels.expand(-1, 3, -1, -1) - mean) / std
+        x = normalise_input(pixels, self.in_chans, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def render(self, batch: dict, device: torch.device) -> torch.Tensor:
@@ -106,14 +121,21 @@ class StudentInput:
 
 
 class DistillationStep:
-    """Forward and loss for one micro-batch: L = sum over branches (and image/patch) of MSE."""
+    """Forward and loss for one micro-batch: L = sum over branches (and image/patch) of the loss
+    (the paper's MSE, or its cross-entropy ablation)."""
 
     def __init__(self, student_input: StudentInput, target_norm: TargetNorm, device: torch.device,
-                 autocast_dtype: torch.dtype | None = None):
+                 autocast_dtype: torch.dtype | None = None, loss: LossConfig | None = None):
         self.input = student_input
         self.norm = target_norm
         self.device = device
         self.autocast_dtype = autocast_dtype
+        self.loss = loss or LossConfig()
+
+    def branch_loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.loss.kind == "cross_entropy":
+            return masked_cross_entropy(pred, target, valid, self.loss.student_temperature, self.loss.teacher_temperature)
+        return masked_mse(pred, target, valid)
 
     def __call__(self, net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self.input.render(batch, self.device)
@@ -125,11 +147,11 @@ class DistillationStep:
         parts: dict[str, torch.Tensor] = {}
         for name, out in outputs.items():
             pred = self.norm.predictions(out)
-            parts[f"{name}/image"] = masked_mse(
+            parts[f"{name}/image"] = self.branch_loss(
                 pred[:n], self.norm.targets(name, batch["targets"][name].to(self.device, non_blocking=True)),
                 batch["valid"][name])
             if "patch_box" in batch:
-                parts[f"{name}/patch"] = masked_mse(
+                parts[f"{name}/patch"] = self.branch_loss(
                     pred[n:], self.norm.targets(name, batch["patch_targets"][name].to(self.device, non_blocking=True)),
                     batch["patch_valid"][name])
         return torch.stack(list(parts.values())).sum(), parts

@@ -186,7 +186,7 @@ def build_with_cli(dataset: str, root: Path, out: Path, *options: str, size: int
 
     from leader.cli import app
     from leader.shards.manifest import Manifest
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
 
     args = ["shards", "build", dataset, "--root", str(root), "--out", str(out), "--size", str(size),
             "--max-reject-fraction", "1", *options]

@@ -109,7 +109,7 @@ def build_with_cli(name: str, root: Path, out: Path, *extra: str, size: int = 64
 
     from leader.cli import app
     from leader.shards.manifest import Manifest
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
 
     result = CliRunner().invoke(
         app, ["shards", "build", name, "--root", str(root), "--out", str(out), "--size", str(size), *extra]

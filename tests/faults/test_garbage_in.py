@@ -131,7 +131,7 @@ def test_every_bad_input_is_rejected_with_its_reason_and_counted_exactly(broken_
         unmatched.remove(found[0])
     assert unmatched == []
 
-    from leader.shards.reader import iter_samples
+    from leader.shards.layout import iter_samples
 
     samples = list(iter_samples(out))
     assert sorted(s.meta["path"] for s in samples) == expected_samples

@@ -19,13 +19,12 @@ import torch.nn.functional as F
 
 from leader.errors import LeaderError
 from leader.io import sha256_file
+from leader.network_input import IMAGENET_MEAN, IMAGENET_STD, normalise_input
 from leader.precompute.teachers import register_teacher
 from leader.precompute.teachers.base import Teacher, local_model_path
 from leader.precompute.teachers.checkpoints import (
     StateDict, load_backbone, read_checkpoint, strip_prefix, unwrap_state_dict)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @register_teacher("timm")
@@ -50,8 +49,6 @@ class TimmTeacher(Teacher):
         self.dropped_keys = load_backbone(net, state, source, extra_droppable=droppable)
         self.device = torch.device(device)
         self.net = net.eval().to(self.device)
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self.dim = self._probe_dim()
         self.fingerprint = sha256_file(self.path)
         self.preprocessing = {
@@ -76,7 +73,7 @@ class TimmTeacher(Teacher):
         if x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                               align_corners=False, antialias=True)
-        return (x.expand(-1, 3, -1, -1) - self._mean) / self._std
+        return normalise_input(x, 3)
 
     def _embed(self, pixels: torch.Tensor, bits: int) -> np.ndarray:
         with torch.inference_mode():
