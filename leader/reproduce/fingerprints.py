@@ -165,10 +165,13 @@ def run_finished(run: Path) -> bool:
     """A training run is finished when its checkpoint says so (memory-mapped: nothing big is read)."""
     import torch
 
-    from leader.train.checkpoint import CHECKPOINT_NAME
+    from leader.train.checkpoint import CHECKPOINT_NAME, TrainState
 
     path = run / CHECKPOINT_NAME
     if not path.exists():
         return False
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"]
-    return bool(state.get("finished"))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return TrainState.from_dict(payload["state"]).finished
+    except Exception:           # unreadable: not finished; `leader train --resume` then says what is wrong with it
+        return False
