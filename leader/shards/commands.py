@@ -1,6 +1,7 @@
 """`leader shards ...`: build a shard set from a dataset, and describe one."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -25,6 +26,8 @@ def build(
     size: int = typer.Option(512, "--size", help="Long side of the stored images, in pixels."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     workers: int = typer.Option(1, "--workers", help="Decode/resize processes. Output is identical for any value."),
+    landmark_splits: str = typer.Option("val,test", "--landmark-splits", help="Splits whose landmarks get landmark "
+                                        "patches (comma-separated; they feed the anatomy evaluation only)."),
     seed: int = typer.Option(0, "--seed", help="Seed for patient-wise splits, healthy patches and the phantom."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N images (phantom: how many to generate)."),
     max_reject_fraction: float = typer.Option(0.01, "--max-reject-fraction", help="Fail the build when more inputs than this are rejected."),
@@ -49,6 +52,10 @@ def build(
     )
     if root is not None and not root.exists():
         raise LeaderError(f"--root {root} does not exist")
+    chosen = tuple(s for s in landmark_splits.split(",") if s)
+    if not set(chosen) <= {"train", "val", "test"}:
+        raise LeaderError(f"--landmark-splits {landmark_splits!r}: use train, val and test, comma-separated")
+    settings = dataclasses.replace(settings, patch=dataclasses.replace(settings.patch, landmark_splits=chosen))
     start = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"shards {dataset}", total=n, rate="")
