@@ -29,7 +29,7 @@ def reproduce_command(
                   echo=typer.echo)
         return
     started = time.perf_counter()
-    with ProgressView() as view:
+    with ProgressView(f"reproduce {pipeline.stem}") as view:
         outcome = reproduce(pipeline, out, profile=profile, only=only, gpus=gpus, skip_missing=skip_missing,
                             reporter=view)
     from leader.progress import console
@@ -46,12 +46,15 @@ def reproduce_command(
 class ProgressView:
     """One progress view: the pipeline's steps as one bar; each step's own bars appear below it."""
 
+    def __init__(self, title: str):
+        self.title = title
+
     def __enter__(self):
         from leader.progress import progress
 
         self._context = progress("steps")
         self.bar = self._context.__enter__()
-        self.task = self.bar.add_task("reproduce", total=None, rate="")
+        self.task = self.bar.add_task(self.title, total=None, rate="")
         self.current = None
         return self
 
@@ -74,7 +77,7 @@ class ProgressView:
 
         self._close_current()
         console.print(f"{index + 1}/{self.total} {step.name}: {command.display()}")
-        self.bar.update(self.task, description=f"reproduce: {step.name}", completed=index)
+        self.bar.update(self.task, description=f"{self.title}: {step.name}", completed=index)
         if log is not None:
             self.current = self.bar.add_task(f"  {step.name} in its own process (log: {log})", total=None, rate="")
 

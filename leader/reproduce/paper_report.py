@@ -51,6 +51,9 @@ def write_pipeline_report(plan: Plan) -> Path:
             lines += figure_lines(figure, plan, results, report_dir, figure_dir)
     if plan.not_run:
         lines += ["## Not run", ""] + [f"- `{name}`: {why}" for name, why in plan.not_run.items()] + [""]
+    lines += made_teacher_lines(plan, layout)
+    for note in pipeline.report.get("notes") or []:
+        lines += [note, ""]
     lines += evaluation_sections(plan, results, report_dir, figure_dir)
     atomic_write_text(report, "\n".join(lines).rstrip() + "\n")
     return report
@@ -145,6 +148,30 @@ def figure_lines(figure: dict, plan: Plan, results: dict, report_dir: Path, figu
         if label not in found:
             lines.append(f"- `{label}`: {NOT_RUN}")
     return lines + [""]
+
+
+def made_teacher_lines(plan: Plan, layout: Layout) -> list[str]:
+    """Teachers this pipeline made: the scalar fields of the record a make command may leave beside
+    the weights (`<output name up to its first dot>.json`, e.g. teachers/anatomy.json)."""
+    import json
+
+    lines = []
+    for teacher in plan.pipeline.teachers.values():
+        if teacher.make is None:
+            continue
+        record = layout.teacher(teacher.make.output.split(".")[0] + ".json")
+        if not record.exists():
+            continue
+        fields = json.loads(record.read_text())
+        shown = "; ".join(f"{k} {_fmt(v)}" for k, v in fields.items()
+                          if isinstance(v, (str, int, float)) and not isinstance(v, bool) and k not in ("path", "teacher")
+                          and not k.endswith("sha256"))
+        lines.append(f"- `{teacher.name}` (made by `leader {' '.join(teacher.make.command)}`): {shown}")
+    return (["## Teachers made by this pipeline", ""] + lines + [""]) if lines else []
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def evaluation_sections(plan: Plan, results: dict, report_dir: Path, figure_dir: Path) -> list[str]:

@@ -11,9 +11,11 @@ A pipeline file names:
   inside the output folder (the demo trains its own teachers);
 - `students`: each student's trainer `config`, `set` overrides and `datasets` (default: every
   pretraining dataset);
-- `evaluations`: a list of `leader eval PROTOCOL` runs, each on one `dataset`, over
-  `representations`, with `options` that become that command's flags;
-- `report`: `claims` to mark PASS/FAIL, and the `tables` and `figures` laid out as a paper has them;
+- `evaluations`: `leader eval PROTOCOL` runs, each on one `dataset`, over `representations`, with
+  `options` that become that command's flags; a list, or a mapping by name (so that a profile can
+  add evaluations or change one);
+- `report`: `claims` to mark PASS/FAIL (a list, or a mapping by name), the `tables` and `figures`
+  laid out as a paper has them, and `notes` (paragraphs of text);
 - `profiles`: named partial pipelines merged over the rest with `--profile NAME` (e.g. a smoke
   run on a few images of each dataset before the real one).
 
@@ -43,7 +45,7 @@ MAKE_KEYS = {"command", "dataset", "output", "options", "own_process"}
 STUDENT_KEYS = {"config", "set", "datasets"}
 EVALUATION_KEYS = {"name", "protocol", "dataset", "representations", "options"}
 REPRESENTATION_KEYS = {"label", "repr"}
-REPORT_KEYS = {"claims", "tables", "figures"}
+REPORT_KEYS = {"claims", "tables", "figures", "notes"}
 TABLE_KEYS = {"title", "rows", "columns", "note"}
 COLUMN_KEYS = {"title", "evaluation", "metric", "fraction"}
 FIGURE_KEYS = {"title", "evaluation", "figure", "representations"}
@@ -156,7 +158,7 @@ def parse_pipeline(raw, path: Path, profile: str | None = None) -> Pipeline:
                           "datasets and representation kinds")
     defaults = _mapping(raw.get("protocol_options") or {}, f"{where}: protocol_options")
     evaluations = []
-    for i, entry in enumerate(_list(raw.get("evaluations") or [], f"{where}: evaluations")):
+    for i, entry in enumerate(_named_list(raw.get("evaluations") or [], f"{where}: evaluations")):
         evaluations.append(_evaluation(entry, defaults, datasets, f"{where}: evaluations[{i}]"))
     names = [e.name for e in evaluations]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -319,7 +321,7 @@ def _report(raw, evaluations: list[Evaluation], where: str) -> dict:
             raise LeaderError(f"{at}: evaluation {name!r} is not in evaluations")
         return by_name[name]
 
-    claims = _list(raw.get("claims") or [], f"{where}.claims")
+    claims = _named_list(raw.get("claims") or [], f"{where}.claims")
     for i, claim in enumerate(claims):
         claim = _mapping(claim, f"{where}.claims[{i}]")
         if "evaluation" in claim:
@@ -345,7 +347,8 @@ def _report(raw, evaluations: list[Evaluation], where: str) -> dict:
             if key not in figure:
                 raise LeaderError(f"{at}: needs {key!r}")
         evaluation(figure["evaluation"], at)
-    return {"claims": claims, "tables": tables, "figures": figures}
+    notes = [str(n) for n in _list(raw.get("notes") or [], f"{where}.notes")]
+    return {"claims": claims, "tables": tables, "figures": figures, "notes": notes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +372,13 @@ def option_value(value) -> str:
     import json
 
     return value if isinstance(value, str) else json.dumps(value)
+
+
+def _named_list(value, where: str) -> list:
+    """A list of mappings, or a mapping of them by name (which a profile can extend by merging)."""
+    if isinstance(value, dict):
+        return [{"name": name, **_mapping(entry, f"{where}.{name}")} for name, entry in value.items()]
+    return _list(value, where)
 
 
 def _mapping(value, where: str) -> dict:

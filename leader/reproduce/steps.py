@@ -138,13 +138,16 @@ class Layout:
 
 
 def flags(options: dict) -> list[str]:
-    """{fraction: [0.05, 0.1], seeds: 3, augment: false} -> --fraction 0.05,0.1 --seeds 3 --no-augment."""
+    """{fraction: [0.05, 0.1], seeds: 3, augment: false, set: {epochs: 2}}
+    -> --fraction 0.05,0.1 --seeds 3 --no-augment --set epochs=2 (a mapping: one key=value flag each)."""
     out: list[str] = []
     for key, value in options.items():
         flag = "--" + str(key).replace("_", "-")
         if value is None:
             continue
-        if value is True:
+        if isinstance(value, dict):
+            out += option_flags(value, flag)
+        elif value is True:
             out.append(flag)
         elif value is False:
             out.append("--no-" + flag[2:])
