@@ -105,11 +105,11 @@ def _label_files(folder: Path, root: Path, depth: int):
 
 
 def fingerprints(plan: Plan, identities: InputIdentities, not_run: set[str] = frozenset()) -> dict[str, str]:
-    """Every step's fingerprint, in run order. not_run: steps that will not have run when their
-    soft dependants (the report) run; those count as "not run" instead of by fingerprint."""
+    """Every step's fingerprint, in run order. not_run: steps that will not have run when a step
+    with soft dependencies (the report) runs; for it they count as "not run", not by fingerprint."""
     prints: dict[str, str] = {}
     for step in plan.steps:
-        upstream = {d: ("not run" if d in not_run else prints[d]) for d in step.deps}
+        upstream = {d: ("not run" if step.soft_deps and d in not_run else prints[d]) for d in step.deps}
         # The report's command names the pipeline file as it was typed; what it writes is its identity.
         argv = [] if step.launcher == "engine" else list(step.argv)
         payload = {"argv": argv, "inputs": {str(i.path): identities.identity(i) for i in step.inputs},
