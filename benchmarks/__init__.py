@@ -4,7 +4,7 @@
     python -m benchmarks run --device cuda --out gpu.json  # the paper's model sizes (benchmarks/gpu.sh)
 
 Every figure is a ratio of two rates measured side by side in one run, on the same data and the
-same student (DESIGN.md section 7). One module per measurement:
+same student (docs/design.md, section 9). One module per measurement:
 
     shard_build      images/s building shards from a folder of PNGs (csv adapter), workers 1 vs N
     step_rate        training steps/s: cached targets vs the official code's way vs fully online

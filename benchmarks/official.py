@@ -1,4 +1,4 @@
-"""The official LeADER code's data path, reimplemented for comparison (DESIGN.md section 4).
+"""The official LeADER code's data path, reimplemented for comparison (docs/design.md, section 6).
 
 Per sample and step it opens the original-size image file, converts it to RGB, applies the paper's
 augmentations with torchvision at full resolution, resizes to the student's input, and reads the

@@ -26,6 +26,7 @@ import numpy as np
 from benchmarks.harness import Context, Figure
 from leader.errors import LeaderError
 from leader.io import atomic_write_json, atomic_write_text
+from leader.shards.layout import default_cache_path
 from leader.shards.png import encode_png
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, Manifest, ShardEntry
 
@@ -88,7 +89,7 @@ def write_synthetic_cache(manifest: Manifest) -> Path:
     from leader.precompute.cache import TeacherCache
     from leader.views import ViewSpec
 
-    path = manifest.root / "cache.zarr"
+    path = default_cache_path(manifest.root)
     cache = TeacherCache.create_or_open(path, manifest, n_views=VIEWS, view_spec=ViewSpec(), seed=0, patch_size=8)
     rng = np.random.default_rng(0)
     block = 100_000

@@ -29,10 +29,10 @@ from PIL import Image
 from benchmarks.profiles import ModelSpec, Profile
 from leader.errors import LeaderError
 from leader.precompute.cache import TeacherCache
-from leader.precompute.run import PrecomputeResult, precompute
+from leader.precompute.run import CacheLayout, Execution, PrecomputeResult, precompute
 from leader.precompute.teachers import Teacher, create_teacher
 from leader.shards.builder import BuildSettings, build_shards
-from leader.shards.layout import iter_shard_metas
+from leader.shards.layout import default_cache_path, iter_shard_metas
 from leader.shards.manifest import Manifest
 from leader.shards.phantom import PhantomConfig, generate_case, phantom_index
 from leader.train.config import TrainConfig, config_from_dict
@@ -155,10 +155,10 @@ class Workload:
     @functools.cached_property
     def cache(self) -> Path:
         """Both teachers precomputed over every item and view: `leader precompute`, twice."""
-        path = self.shards / "cache.zarr"
+        path = default_cache_path(self.shards)
         for role, teacher in self.teachers.items():
-            result = precompute(self.shards, path, teacher_name=role, teacher=teacher, views=self.profile.n_views,
-                                batch_size=self.profile.precompute_batch, device=str(self.device), seed=SEED)
+            result = precompute(self.shards, role, teacher, path, CacheLayout(views=self.profile.n_views, seed=SEED),
+                                Execution(batch_size=self.profile.precompute_batch, device=str(self.device)))
             self.precompute_results[role] = result
             self.log(f"workload: precomputed {role} ({teacher.preprocessing['arch']}, {teacher.dim}-d) "
                      f"{result.views} views in {result.seconds:.1f}s")

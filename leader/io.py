@@ -96,6 +96,22 @@ def join_path(root: str | os.PathLike, name: str) -> str | Path:
     return Path(root) / name
 
 
+def read_yaml_mapping(path: str | os.PathLike, what: str) -> dict:
+    """A YAML file that must hold a mapping (an empty file is an empty one); `what` names it in errors."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise LeaderError(f"{what} {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LeaderError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise LeaderError(f"{what} {path} must hold a mapping at the top level")
+    return data
+
+
 def open_input(path: str | os.PathLike, mode: str = "rb"):
     """Open a local path or an fsspec URL for reading."""
     if is_url(path):

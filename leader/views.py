@@ -19,9 +19,10 @@ Conventions, shared by every caller:
 * Photometric changes follow, pixel by pixel: contrast about 0.5, brightness added, clamp to
   [0, 1], gamma. They apply to the whole canvas, fill included, as a torchvision affine followed by
   a colour jitter would.
-* Shrinking is antialiased: a view whose output pixels span several input pixels is rendered
-  k times denser and reduced with the triangle filter of antialiased resizing, so rendering at
-  512 px and then shrinking agrees with rendering straight at 224 px (see `warp_affine`).
+* Shrinking is antialiased: where a view's output pixels span several input pixels, the image is
+  first shrunk with the triangle filter of antialiased resizing (a mipmap) and then sampled once,
+  so rendering at 512 px and then shrinking agrees with rendering straight at 224 px (see
+  `warp_affine`).
 """
 from __future__ import annotations
 
@@ -273,14 +274,13 @@ def _footprints(theta: np.ndarray, in_size: tuple[int, int], out_size: int) -> n
     return np.linalg.norm(jacobian, axis=2)
 
 
-def supersampling_factors(theta: np.ndarray, in_size: tuple[int, int], out_size: int) -> np.ndarray:
-    """(B,) int: samples per output pixel and axis that each affine needs to avoid aliasing.
-
-    k = ceil(footprint - slack), at least 1: the bilinear samples land at most about one input
-    pixel apart.
-    """
-    footprint = _footprints(theta, in_size, out_size).max(axis=1)
-    return np.maximum(np.ceil(footprint - _BILINEAR_SLACK), 1).astype(np.int64)
+def prefilter_factors(footprints: np.ndarray) -> np.ndarray:
+    """(B,) how much each view's image is shrunk before it is sampled: 1 (not at all) unless an
+    output pixel spans more than 1 + slack input pixels; then its footprint rounded down to a
+    quarter pixel, so that bilinear samples land about one input pixel apart. A function of the
+    sample alone, so it renders the same in any batch, and a handful of values per batch."""
+    footprint = footprints.max(axis=1)
+    return np.where(footprint - _BILINEAR_SLACK > 1, np.floor(footprint * 4) / 4, 1.0)
 
 
 def _affine_grid(theta: torch.Tensor, side: int) -> torch.Tensor:
@@ -301,7 +301,7 @@ def _sample(images: torch.Tensor, theta: torch.Tensor, side: int, spacing: torch
     Inside, samples clamp to the border pixel; across each edge the value ramps to 0 over one
     sample spacing (in input pixels, per sample and axis), which antialiases the edge at the
     resolution being sampled. grid_sample's own "zeros" padding is the same ramp fixed at one
-    input pixel: too wide for a supersampled render, whose outer rows it would darken.
+    input pixel: too wide for a prefiltered image, whose outer rows it would darken.
     """
     _, _, h, w = images.shape
     grid = _affine_grid(theta, side)
@@ -320,8 +320,8 @@ def _sample_antialiased(
     if k <= 1:
         return _sample(images, theta, out_size, spacing)
     # Prefilter, then sample once (a mipmap): shrinking the source k times with the antialiasing
-    # triangle filter (as in PIL and torchvision) costs one pass over the input, where rendering
-    # k times denser and shrinking the render costs k^2 samples per output pixel. Normalised
+    # triangle filter (as in PIL and torchvision) costs one pass over the input, where supersampling
+    # (rendering k times denser, then shrinking) costs k^2 samples per output pixel. Normalised
     # coordinates make theta valid at any source size; each output pixel now spans about one
     # source pixel, so one bilinear sample no longer aliases.
     h, w = images.shape[-2:]
@@ -335,23 +335,19 @@ def warp_affine(images: torch.Tensor, theta: np.ndarray, out_size: int) -> torch
 
     theta (B, 2, 3) maps output to input in grid_sample's normalised coordinates
     (align_corners=False, so +-1 are the outer pixel edges); outside the image is 0. Where an output
-    pixel spans more than one input pixel, the sample is rendered k times denser
-    (`supersampling_factors`) and reduced with the antialiasing triangle filter, so a view rendered
-    large and then shrunk matches the view rendered small. Same-size and enlarging views are plain
-    bilinear, so the identity reproduces the image exactly. theta is planned on the host in float64;
-    only the grid is built on the device. Samples are grouped by k (a handful of groups, never a
-    loop over samples), so a sample renders the same alone as in any batch.
+    pixel spans more than one input pixel, the image is first shrunk with the antialiasing triangle
+    filter (`prefilter_factors`), so a view rendered large and then shrunk matches the view rendered
+    small. Same-size and enlarging views are plain bilinear, so the identity reproduces the image
+    exactly. theta is planned on the host in float64; only the grid is built on the device. Samples
+    are grouped by their prefilter (a handful of groups, never a loop over samples).
     """
     b, _, h, w = images.shape
     theta = np.asarray(theta, dtype=np.float64)
     footprints = _footprints(theta, (h, w), out_size)
-    factors = supersampling_factors(theta, (h, w), out_size)
-    spacing = np.maximum(footprints / np.where(factors > 1, np.floor(footprints.max(axis=1) * 4) / 4, 1.0)[:, None], 1e-6)
+    shrink = prefilter_factors(footprints)
+    spacing = np.maximum(footprints / shrink[:, None], 1e-6)
     theta_t = torch.from_numpy(theta).to(device=images.device, dtype=images.dtype)
     spacing_t = torch.from_numpy(spacing).to(device=images.device, dtype=images.dtype)
-    # Each sample's prefilter is its own footprint rounded down to a quarter pixel: a function of
-    # the sample alone (so it renders the same in any batch), and a handful of groups per batch.
-    shrink = np.where(factors > 1, np.floor(footprints.max(axis=1) * 4) / 4, 1.0)
     groups = np.unique(shrink)
     if len(groups) == 1:
         return _sample_antialiased(images, theta_t, out_size, float(groups[0]), spacing_t)

@@ -47,14 +47,36 @@ def tiny_teacher(tmp: Path, arch: str):
 @pytest.fixture(scope="session")
 def train_cache(phantom_shards, tmp_path_factory):
     """disease (test_resnet, 96-d) and anatomy (test_convnext, 64-d), 2 views per item, patches at 32 px."""
-    from leader.precompute.run import precompute
+    from leader.precompute.run import CacheLayout, Execution, precompute
 
     tmp = tmp_path_factory.mktemp("train-cache")
     with one_thread():
         for name, arch in (("disease", "test_resnet"), ("anatomy", "test_convnext")):
-            precompute(phantom_shards, tmp / "cache.zarr", teacher_name=name, teacher=tiny_teacher(tmp, arch),
-                       views=2, batch_size=64, patch_size=32)
+            precompute(phantom_shards, name, tiny_teacher(tmp, arch), tmp / "cache.zarr",
+                       CacheLayout(views=2, patch_size=32), Execution(batch_size=64))
     return tmp / "cache.zarr"
+
+
+@contextlib.contextmanager
+def sigterm_when(condition):
+    """SIGTERM this process as soon as condition() holds (checked from a thread), as a scheduler's
+    pre-emption would; inside, a stray signal after the code under test returned does not end pytest."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while not condition():
+            time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        threading.Thread(target=watch, daemon=True).start()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch  # before tensorflow, always (see DESIGN.md)
+import torch  # before tensorflow, always (docs/design.md, section 2)
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,14 +24,22 @@ ATTO_DIMS = (40, 80, 160, 320)
 ATTO_DEPTHS = (2, 2, 6, 2)
 
 
-def make_cxr_foundation_savedmodel(out_dir: str | Path, *, dim: int = 16, input_size: int = 32, seed: int = 0) -> Path:
+def make_cxr_foundation_savedmodel(out_dir: str | Path, *, dim: int = 16, input_size: int = 32, seed: int = 0,
+                                   wrap=None) -> Path:
     """A CXR Foundation v2 look-alike: serving_default(input_example) -> feature_maps_0 (B, s/4, s/4, dim).
 
     The backbone is a two-layer Keras conv net with seeded random weights (non-zero biases, so a
-    wrong pooling or scale shows), wrapped by the project's own exporter.
+    wrong pooling or scale shows), wrapped by the project's own exporter. wrap(backbone) -> another
+    TF callable puts extra ops into the serving function (the SavedModel gate's tests).
     """
     from leader.precompute.teachers.cxr_foundation import export_cxr_foundation_savedmodel
 
+    backbone = tiny_cxr_backbone(dim, input_size, seed)
+    return export_cxr_foundation_savedmodel(wrap(backbone) if wrap else backbone, out_dir, input_size)
+
+
+def tiny_cxr_backbone(dim: int, input_size: int, seed: int):
+    """(B, s, s, 1) images -> (B, s/4, s/4, dim) feature maps: two strided convs, seeded random weights."""
     import keras
 
     def init(offset: int) -> keras.initializers.Initializer:
@@ -41,8 +49,7 @@ def make_cxr_foundation_savedmodel(out_dir: str | Path, *, dim: int = 16, input_
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu",
                             kernel_initializer=init(0), bias_initializer=init(1))(inputs)
     x = keras.layers.Conv2D(dim, 3, strides=2, padding="same", kernel_initializer=init(2), bias_initializer=init(3))(x)
-    backbone = keras.Model(inputs, x, name="tiny_cxr_backbone")
-    return export_cxr_foundation_savedmodel(backbone, out_dir, input_size)
+    return keras.Model(inputs, x, name="tiny_cxr_backbone")
 
 
 def torchvision_resnet_state(arch: str = "resnet18", seed: int = 0) -> dict[str, torch.Tensor]:

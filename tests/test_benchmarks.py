@@ -63,6 +63,8 @@ def test_figures_compare_what_the_issue_asks(suite):
             "pipeline mean / device-resident step time, epoch starts included"} <= names
     cost = next(f for f in figures if f.name == "compression ratio (raw / stored), disease")
     assert cost.detail["items"] == TOY.train_images and cost.detail["views"] == TOY.n_views
+    checksum = next(f for f in figures if f.name == "block reads per CPU second, CRC32C / no checksum, disease")
+    assert checksum.detail["rows_per_s_crc32c"] > 0 and checksum.detail["items"] == TOY.train_images
 
 
 def test_official_targets_hold_the_cached_view_0_embedding(suite):

@@ -24,9 +24,9 @@ from leader.views import IDENTITY, K, ViewSpec, sample_view_params
 
 
 class TinyChest:
-    """24 small synthetic radiographs: non-square originals, one 16-bit image, nodule boxes on every
-    third image (diseased patches; two on one image, so shards differ in item count), normals
-    (healthy patches), and a landmark for val/test images."""
+    """24 small synthetic radiographs: non-square originals, one 16-bit image (with a lesion), nodule
+    boxes on every third image (diseased patches; two on one image, so shards differ in item count),
+    normals (healthy patches, one per lesion of their split), and a landmark for val/test images."""
 
     name = "tiny-chest"
     label_names = ["nodule"]
@@ -39,7 +39,7 @@ class TinyChest:
             rng = np.random.default_rng([seed, i])
             yy, xx = np.mgrid[0:72, 0:80]
             img = (90 + 60 * np.sin(xx / (4 + i % 5)) * np.cos(yy / 6) + rng.normal(0, 12, yy.shape)).clip(0, 255)
-            img = img.astype(np.uint16) * 257 if i == 5 else img.astype(np.uint8)
+            img = img.astype(np.uint16) * 257 if i == 6 else img.astype(np.uint8)
             sick = i % 3 == 0
             boxes = [Box("nodule", 8 + i, 10, 30 + i, 32)] if sick else []
             if i == 9:      # a second lesion, so that shards hold different item counts
@@ -47,7 +47,7 @@ class TinyChest:
             yield SourceRecord(
                 dataset=self.name, image_id=f"case{i:03d}.png", path="", load=lambda img=img: img,
                 patient_id=f"P{i // 2:03d}", split=("train", "train", "val", "test")[i % 4],
-                labels={"nodule": int(sick)}, boxes=boxes,
+                labels={"nodule": int(sick)}, boxes=boxes, healthy=not sick,
                 landmarks={"carina": (40.0, 30.0)})
 
 

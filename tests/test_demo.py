@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-import torch  # before tensorflow, always (see DESIGN.md)
+import torch  # before tensorflow, always (docs/design.md, section 2)
 import pytest
 from typer.testing import CliRunner
 

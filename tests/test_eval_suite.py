@@ -20,7 +20,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leader.evaluate.commands import eval_app, report_command
-from tests.conftest import build_phantom
+from tests.conftest import build_phantom, one_thread
 
 ARCH = "test_resnet"          # timm's smallest ResNet: fast at this size on one CPU thread
 SIDE = 48                     # teacher input and patch size
@@ -28,12 +28,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def single_threaded():
     # Tiny convolutions on a shared 2-core machine run many times faster on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 def normalise(views: torch.Tensor) -> torch.Tensor:
@@ -72,7 +70,8 @@ def train_teacher(inputs: torch.Tensor, targets: torch.Tensor, loss_fn, out: Pat
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    from leader.precompute.run import precompute
+    from leader.precompute.run import CacheLayout, Execution, precompute
+    from leader.precompute.teachers import create_teacher
     from leader.shards.crop import crop_patch
     from leader.shards.patches import PatchPlan, landmark_patches
     from leader.shards.layout import iter_samples
@@ -107,8 +106,8 @@ def bench(tmp_path_factory):
                             torch.nn.functional.cross_entropy, root / "anatomy.pth", epochs=3, seed=1)
 
     for name, checkpoint in (("disease", disease), ("anatomy", anatomy)):
-        precompute(shards, teacher_name=name, kind="timm", model=checkpoint, views=1, batch_size=64,
-                   options={"arch": ARCH, "input_size": SIDE}, patch_size=SIDE)
+        with create_teacher("timm", model=checkpoint, arch=ARCH, input_size=SIDE) as teacher:
+            precompute(shards, name, teacher, layout=CacheLayout(views=1, patch_size=SIDE), execution=Execution(batch_size=64))
     return root
 
 

@@ -23,29 +23,37 @@ import zarr
 from typer.testing import CliRunner
 
 from leader.errors import LeaderError
+from leader.io import sha256_file
 from leader.precompute.audit import audit_invariance
 from leader.precompute.cache import TeacherCache
 from leader.precompute.commands import cache_app, precompute_app
-from leader.precompute.run import precompute, resolve_teacher
+from leader.precompute.run import CacheLayout, Execution, precompute, resolve_teacher
 from leader.precompute.teachers import create_teacher
 from leader.precompute.teachers.base import Teacher
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
 from leader.shards.layout import KIND_CODES, SPLIT_CODES, iter_samples, iter_shard_metas
 from leader.views import ViewSpec, replay_views
+from tests.conftest import one_thread
 from tests.teacher_fixtures import make_adam_v2_resnet_checkpoint, make_import_npy_dir, random_embeddings
 from tests.test_cache import build_tiny_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ADAM_OPTIONS = {"arch": "resnet18", "input_size": 32}
-SETTINGS = dict(teacher_name="anatomy", views=2, batch_size=4, patch_size=48)
+LAYOUT = CacheLayout(views=2, patch_size=48)
+
+
+def run_adam(shards, path, model, execution=Execution(batch_size=4), **options):
+    """`leader precompute --teacher anatomy --model MODEL --views 2 --patch-size 48 --batch-size 4`."""
+    with create_teacher("adam", model=model, **ADAM_OPTIONS) as teacher:
+        return precompute(shards, "anatomy", teacher, path, LAYOUT, execution, **options)
 
 # A precompute in its own process, as `leader precompute` runs it; a delay per teacher call slows
 # it down enough for a test to interrupt it in the middle of a shard.
 DRIVER = """
 import sys, time
 import torch
-from leader.precompute.run import precompute
+from leader.precompute.run import CacheLayout, Execution, precompute
 from leader.precompute.teachers import create_teacher
 
 shards, cache, model, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -55,7 +63,7 @@ def slow_embed(pixels, bits=8):
     time.sleep(delay)
     return embed(pixels, bits=bits)
 teacher.embed = slow_embed
-result = precompute(shards, cache, teacher_name="anatomy", views=2, batch_size=4, patch_size=48, teacher=teacher)
+result = precompute(shards, "anatomy", teacher, cache, CacheLayout(views=2, patch_size=48), Execution(batch_size=4))
 print("interrupted" if result.interrupted else "finished", result.shards_computed, flush=True)
 """
 
@@ -95,12 +103,10 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
+def single_threaded():
     """Tiny models run fastest on one thread; on CI's two shared cores more threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +125,7 @@ def adam(tmp_path_factory):
 def reference(shards, adam, tmp_path_factory):
     """The uninterrupted single-process run every other run must reproduce."""
     path = tmp_path_factory.mktemp("reference") / "cache.zarr"
-    result = precompute(shards, path, kind="adam", model=adam, options=ADAM_OPTIONS, **SETTINGS)
+    result = run_adam(shards, path, adam)
     assert result.complete and result.shards_computed == [0, 1, 2]
     return path
 
@@ -156,7 +162,7 @@ def test_each_row_holds_the_teachers_embedding_of_its_view(shards, adam, referen
     np.testing.assert_allclose(std, x.std(axis=0), rtol=1e-4, atol=1e-6)
     assert attrs["stats"] == {"over": "train images, view 0", "n": int(keep.sum())}
 
-    again = precompute(shards, reference, kind="adam", model=adam, options=ADAM_OPTIONS, **SETTINGS)
+    again = run_adam(shards, reference, adam)
     assert again.shards_computed == [] and again.shards_skipped == [0, 1, 2] and again.complete
 
 
@@ -173,7 +179,7 @@ def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_store(shards, ada
 
     teacher.embed = embed_then_sigterm
     handler_before = signal.getsignal(signal.SIGTERM)
-    stopped = precompute(shards, path, teacher=teacher, **SETTINGS)
+    stopped = precompute(shards, "anatomy", teacher, path, LAYOUT, Execution(batch_size=4))
     assert stopped.interrupted and stopped.shards_computed == [0] and not stopped.complete
     assert done_flags(path) == [True, False, False]
     assert signal.getsignal(signal.SIGTERM) == handler_before        # the handler is removed again
@@ -185,7 +191,7 @@ def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_store(shards, ada
     run.wait(timeout=30)
     assert done_flags(path) == [True, True, False]
 
-    result = precompute(shards, path, kind="adam", model=adam, options=ADAM_OPTIONS, **SETTINGS)
+    result = run_adam(shards, path, adam)
     assert result.shards_skipped == [0, 1] and result.shards_computed == [2] and result.complete
     assert_same_store(path, reference)
 
@@ -196,7 +202,7 @@ def test_two_ranks_write_the_same_store_as_one_process(shards, adam, reference, 
     path = tmp_path / "cache.zarr"
     rank1 = start_driver(shards, path, adam, delay=0.05, RANK="1", WORLD_SIZE="2")
     wait_for(lambda: (path / "teachers" / "anatomy" / "done" / "zarr.json").exists(), what="rank 1 to start")
-    rank0 = precompute(shards, path, kind="adam", model=adam, options=ADAM_OPTIONS, rank=0, world_size=2, **SETTINGS)
+    rank0 = run_adam(shards, path, adam, Execution(batch_size=4, rank=0, world_size=2))
     out, _ = rank1.communicate(timeout=120)
     assert rank1.returncode == 0, out
     assert rank0.shards_computed == [0, 2] and "finished [1]" in out
@@ -225,15 +231,14 @@ def test_a_group_renders_exactly_what_each_sample_renders_alone():
 def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, adam, reference, tmp_path):
     for threads in (0, 3):
         path = tmp_path / f"threads-{threads}.zarr"
-        result = precompute(shards, path, kind="adam", model=adam, options=ADAM_OPTIONS, decode_threads=threads,
-                            **SETTINGS)
+        result = run_adam(shards, path, adam, Execution(batch_size=4, decode_threads=threads))
         assert result.complete
         assert_same_store(path, reference)
     with pytest.raises(LeaderError, match="--decode-threads must be 0 or more"):
-        precompute(shards, tmp_path / "x.zarr", kind="adam", model=adam, options=ADAM_OPTIONS, decode_threads=-1,
-                   **SETTINGS)
+        Execution(decode_threads=-1)
 
-    # A shard whose third image is cut short: the thread's failure reaches the loop as one clear line.
+    # A shard whose third image is cut short, as its build wrote it (the manifest records these very
+    # bytes, so the shard passes its sha256 check): the thread's failure reaches the loop as one clear line.
     import tarfile
 
     damaged = tmp_path / "damaged"
@@ -249,9 +254,11 @@ def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, ada
         for m, d in members:
             m.size = len(d)
             tar.addfile(m, io.BytesIO(d))
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["shards"][0]["sha256"] = sha256_file(first)
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LeaderError, match=rf"sample '{member.name.split('.')[0]}': its stored image does not decode"):
-        precompute(damaged, tmp_path / "damaged.zarr", kind="adam", model=adam, options=ADAM_OPTIONS,
-                   decode_threads=2, **SETTINGS)
+        run_adam(damaged, tmp_path / "damaged.zarr", adam, Execution(batch_size=4, decode_threads=2))
 
 
 def test_other_weights_are_refused_verified_and_replaced(shards, adam, reference, tmp_path):
@@ -259,7 +266,7 @@ def test_other_weights_are_refused_verified_and_replaced(shards, adam, reference
     shutil.copytree(reference, path)
     other = make_adam_v2_resnet_checkpoint(tmp_path / "other.pth", seed=1)
     with pytest.raises(LeaderError, match=r"teacher 'anatomy' in cache .* weights sha256 .*--overwrite-teacher"):
-        precompute(shards, path, kind="adam", model=other, options=ADAM_OPTIONS, **SETTINGS)
+        run_adam(shards, path, other)
 
     runner = CliRunner()
     args = ["verify", str(path), "--shards", str(shards), "--teacher", "anatomy",
@@ -269,7 +276,7 @@ def test_other_weights_are_refused_verified_and_replaced(shards, adam, reference
     assert mismatch.exit_code == 1
     assert "teacher 'anatomy' was computed with weights sha256" in mismatch.output
 
-    result = precompute(shards, path, kind="adam", model=other, options=ADAM_OPTIONS, overwrite_teacher=True, **SETTINGS)
+    result = run_adam(shards, path, other, overwrite_teacher=True)
     assert result.shards_computed == [0, 1, 2]
     assert TeacherCache.open(path).teacher_attrs("anatomy")["fingerprint"] != \
         TeacherCache.open(reference).teacher_attrs("anatomy")["fingerprint"]
@@ -324,8 +331,7 @@ class NaNTeacher(Teacher):
 def test_nan_embeddings_stop_the_run_naming_item_and_view(shards, tmp_path):
     first_key = next(iter(Manifest.load(shards).iter_keys()))[0]
     with pytest.raises(LeaderError, match=rf"non-finite .*teacher 'broken', item '{first_key}', view 0"):
-        precompute(shards, tmp_path / "cache.zarr", teacher_name="broken", views=2, batch_size=4,
-                   patch_size=48, teacher=NaNTeacher())
+        precompute(shards, "broken", NaNTeacher(), tmp_path / "cache.zarr", LAYOUT, Execution(batch_size=4))
     assert not TeacherCache.open(tmp_path / "cache.zarr").is_done("broken").any()
 
 
@@ -361,7 +367,9 @@ def test_cxr_foundation_savedmodel_precompute(shards, tmp_path):
 
     model = make_cxr_foundation_savedmodel(tmp_path / "elixr-c", dim=16, input_size=32)
     path = tmp_path / "cache.zarr"
-    result = precompute(shards, path, teacher_name="disease", model=model, views=2, batch_size=8, patch_size=48)
+    choice = resolve_teacher("disease", model=str(model))             # the role's default kind: cxr-foundation
+    with create_teacher(choice.kind, model=choice.model) as teacher:
+        result = precompute(shards, "disease", teacher, path, LAYOUT, Execution(batch_size=8))
     assert result.complete and result.kind == "cxr-foundation"
     cache = TeacherCache.open(path)
     # No client-side resize: images are replayed at their stored 64 px, patches at the patch size.

@@ -2,10 +2,6 @@
 in the middle of a round; the paper's loss and head ablations; the fused optimizer."""
 from __future__ import annotations
 
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +15,7 @@ from leader.train.config import load_config
 from leader.train.loop import make_optimizer, train
 from leader.train.metrics import read_metrics
 from leader.train.model import create_student
-from tests.conftest import one_thread
+from tests.conftest import one_thread, sigterm_when
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # 3 rounds of (2 steps of images, 3 steps of pairs): 15 steps, one warm-up of 3 then one cosine.
@@ -63,18 +59,9 @@ def test_a_stop_in_the_middle_of_a_round_resumes_to_the_same_run(phantom_shards,
     train(config(phantom_shards, train_cache, *ROUNDS), reference)
 
     stopped = tmp_path / "stopped"
-
-    def terminate_inside_round_two():           # round 2's pairs pass holds steps 8-10
-        while max((r["step"] for r in read_metrics(stopped)), default=0) < 8:
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        threading.Thread(target=terminate_inside_round_two, daemon=True).start()
+    inside_round_two = lambda: max((r["step"] for r in read_metrics(stopped)), default=0) >= 8   # noqa: E731
+    with sigterm_when(inside_round_two):        # round 2's pairs pass holds steps 8-10
         summary = train(config(phantom_shards, train_cache, *ROUNDS), stopped)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert summary["stopped"] and 8 <= summary["global_step"] < 15
     train(config(phantom_shards, train_cache, *ROUNDS), stopped, resume=True)
     got, expected = read_metrics(stopped), read_metrics(reference)
@@ -125,3 +112,11 @@ def test_the_fused_optimizer_takes_the_reference_step():
 def test_positions_saved_before_rounds_carry_over():
     state = TrainState.from_dict({"phase": 1, "step_in_phase": 7, "global_step": 107, "samples": 1712, "finished": False})
     assert (state.segment, state.step_in_segment, state.global_step) == (1, 7, 107)
+
+
+def test_the_paper_config_runs_algorithm_1_in_rounds_with_patches_from_d7_to_d10():
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "leader-swinb.yaml", shards=["unused"])
+    assert cfg.schedule.rounds == 100 and cfg.optim.warmup_fraction == 0.1
+    images, pairs = cfg.phases
+    assert (images.stream, images.datasets, images.epochs) == ("images", "all", 1)
+    assert (pairs.stream, sorted(pairs.datasets), pairs.epochs) == ("pairs", ["chestx-det", "node21", "tbx11k", "vindr"], 1)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from leader.cli import app
+from leader.errors import LeaderError
 from leader.shards.builder import BuildSettings, build_shards
+from leader.shards.class_sets import select_classes
 from leader.shards.manifest import Manifest
 from leader.shards.layout import iter_samples
+from leader.shards.patches import PatchPlan
 from tests.conftest import build_phantom
 
 runner = CliRunner()
@@ -58,8 +62,10 @@ def test_samples_carry_labels_boxes_landmarks_and_contiguous_rows(phantom_shards
             assert kinds.count("landmark") == len(meta["landmarks"]) >= 10
         else:
             assert "landmark" not in kinds
-        if not any(v == 1 for v in meta["labels"].values()):
-            assert not meta["boxes"] and kinds.count("healthy") == 1
+        # The phantom calls a case healthy when it drew no finding; only such a case gives healthy patches.
+        assert meta["healthy"] == (not any(v == 1 for v in meta["labels"].values()))
+        if kinds.count("healthy"):
+            assert meta["healthy"] and not meta["boxes"]
     assert next_row == manifest.n_items > manifest.n_samples
 
 
@@ -87,6 +93,23 @@ def test_splits_never_share_a_patient(phantom_shards):
         assert split_of.setdefault(s.meta["patient_id"], s.meta["split"]) == s.meta["split"]
 
 
+def test_healthy_patches_balance_the_diseased_patches_of_each_split(phantom_shards):
+    found: dict[str, Counter] = {}
+    for s in iter_samples(phantom_shards):
+        c = found.setdefault(s.meta["split"], Counter())
+        c.update(p["kind"] for p in s.meta["patches"])
+        c["healthy images"] += s.meta["healthy"]
+    counts = Manifest.load(phantom_shards).counts
+    for split, c in found.items():
+        # One healthy patch per diseased patch; with few healthy images, up to 4 from each.
+        assert c["healthy"] == min(c["diseased"], 4 * c["healthy images"]) > 0, (split, c)
+        reported = counts["by_split"][split]
+        assert (reported["diseased_patches"], reported["healthy_patches"], reported["healthy_candidates"]) == (
+            c["diseased"], c["healthy"], c["healthy images"])
+        assert reported["healthy_shortfall"] == c["diseased"] - c["healthy"]
+    assert counts["images"] == 24 and counts["rejected_inputs"] == 0
+
+
 def test_info_reports_counts_as_json(phantom_shards):
     result = runner.invoke(app, ["shards", "info", str(phantom_shards), "--json"])
     assert result.exit_code == 0, result.output
@@ -94,6 +117,73 @@ def test_info_reports_counts_as_json(phantom_shards):
     assert info["samples"] == 24 and info["items"] > 24 and info["shards"] == 3
     assert info["patches"] == info["items"] - info["samples"]
     assert sum(info["splits"].values()) == 24 and info["rejects"] == 0
+    assert info["diseased_patches"] == info["patch_kinds"]["diseased"] > 0
+    assert info["healthy_patches"] + info["healthy_shortfall"] == info["diseased_patches"]
+
+
+def test_info_on_several_sets_compares_their_counts(phantom_shards, tmp_path):
+    build_shards(BuildSettings(dataset="phantom", size=32, shard_size=8, seed=1, n=8, name="phantom-b"), tmp_path / "b")
+    result = runner.invoke(app, ["shards", "info", str(phantom_shards), str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["dataset"] for r in rows] == ["phantom", "phantom-b"] and rows[1]["samples"] == 8
+    table = runner.invoke(app, ["shards", "info", str(phantom_shards), str(tmp_path / "b")])
+    assert table.exit_code == 0 and "diseased" in table.output and "phantom-b" in table.output
+
+
+def test_a_shard_set_without_class_sets_refuses_a_preset(phantom_shards):
+    manifest = Manifest.load(phantom_shards)
+    assert manifest.class_sets == {} and select_classes(manifest, "all").names == manifest.label_names
+    with pytest.raises(LeaderError, match="phantom: no class set or class 'paper'; class sets: all"):
+        select_classes(manifest, "paper")
+
+
+def few_normal_images(root: Path) -> Path:
+    """A csv dataset, all in train: three lesion boxes on two images, one image said to be normal."""
+    for i in range(4):
+        write_png(root / f"{i}.png", i, size=(64, 64))
+    import csv
+
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "labels", "split", "boxes"])
+        writer.writerow(["0.png", "nodule", "train", '[{"label": "nodule", "x0": 5, "y0": 5, "x1": 15, "y1": 15}, '
+                                                     '{"label": "nodule", "x0": 30, "y0": 30, "x1": 40, "y1": 40}]'])
+        writer.writerow(["1.png", "mass", "train", '[{"label": "mass", "x0": 10, "y0": 10, "x1": 30, "y1": 30}]'])
+        writer.writerow(["2.png", "No Finding", "train", ""])
+        writer.writerow(["3.png", "", "train", ""])           # nothing listed: not said to be normal
+    return root
+
+
+def test_too_few_healthy_images_give_several_patches_each_then_a_reported_shortfall(tmp_path):
+    root = few_normal_images(tmp_path / "data")
+    args = ["shards", "build", "csv", "--root", str(root), "--size", "32", "--json"]
+    # The default cap (4 per image) covers the 3 patches from the one normal image.
+    full = json.loads(runner.invoke(app, args + ["--out", str(tmp_path / "a")]).stdout)
+    assert (full["diseased_patches"], full["healthy_patches"], full["healthy_shortfall"]) == (3, 3, 0)
+    capped = runner.invoke(app, args + ["--out", str(tmp_path / "b"), "--healthy-max-per-image", "2"])
+    summary = json.loads(capped.stdout)
+    assert (summary["healthy_patches"], summary["healthy_shortfall"], summary["healthy_candidates"]) == (2, 1, 1)
+    assert summary["notes"] == ["csv: 2 healthy patches for 3 diseased, 1 short of the target 3: in train, "
+                                "1 healthy image at up to 2 patches each"]
+    samples = {s.meta["image_id"]: s.meta for s in iter_samples(tmp_path / "b")}
+    assert [p["kind"] for p in samples["2"]["patches"]] == ["healthy", "healthy"] and samples["3"]["patches"] == []
+    manifest = Manifest.load(tmp_path / "b")
+    assert manifest.build["patch"]["healthy_max_per_image"] == 2 and "up to 2 per image" in manifest.counts["healthy_rule"]
+
+
+def test_the_healthy_ratio_is_a_build_setting(tmp_path):
+    settings = BuildSettings(dataset="phantom", size=32, shard_size=8, seed=0, n=24, patch=PatchPlan(healthy_ratio=0.5))
+    manifest = build_shards(settings, tmp_path / "half")
+    assert manifest.build["patch"]["healthy_ratio"] == 0.5
+    for split, c in manifest.counts["by_split"].items():
+        assert c["healthy_target"] == int(0.5 * c["diseased_patches"] + 0.5)
+    none = runner.invoke(app, ["shards", "build", "phantom", "--n", "8", "--size", "32", "--healthy-ratio", "0",
+                               "--out", str(tmp_path / "none"), "--json"])
+    assert json.loads(none.stdout)["healthy_patches"] == 0
+    refused = runner.invoke(app, ["shards", "build", "phantom", "--n", "8", "--healthy-ratio", "-1",
+                                  "--out", str(tmp_path / "bad")])
+    assert refused.exit_code != 0 and "--healthy-ratio must be 0 or more" in str(refused.exception)
 
 
 def write_png(path: Path, seed: int, size=(48, 40)) -> None:

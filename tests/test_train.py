@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from leader.precompute.cache import TeacherCache
 from leader.train.config import load_config
 from leader.train.loop import train
 from leader.train.metrics import read_metrics
-from tests.conftest import one_thread
+from tests.conftest import one_thread, sigterm_when
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
@@ -168,19 +166,8 @@ def test_sigterm_checkpoints_and_resume_completes_the_same_run(phantom_shards, t
     train(config(phantom_shards, train_cache, *overrides), reference)
 
     stopped = tmp_path / "stopped"
-
-    def terminate_after_first_step():
-        while not losses(stopped):
-            time.sleep(0.005)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    # A no-op handler outside train(): a signal arriving after train() returned must not end pytest.
-    previous = signal.signal(signal.SIGTERM, lambda *_: None)
-    try:
-        threading.Thread(target=terminate_after_first_step, daemon=True).start()
+    with sigterm_when(lambda: bool(losses(stopped))):            # after the first logged step
         summary = train(config(phantom_shards, train_cache, *overrides), stopped)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert summary["stopped"] and 1 <= summary["global_step"] < 8
     assert torch.load(stopped / "checkpoint.pt", weights_only=True)["state"]["global_step"] == summary["global_step"]
 
@@ -325,7 +312,8 @@ def test_each_rank_streams_as_many_batches_of_the_cached_targets(phantom_shards,
     shares = [sum(s.n_tuples for s in shards) for shards in assign_shards(spec, epoch=0)]
     assert len(spec.shards) == 3 and shares[0] != shares[1]           # uneven: 3 shards on 2 ranks
     per_rank = [list(PhaseEpoch(spec, epoch=0, rank=r, world_size=2)) for r in (0, 1)]
-    assert len(per_rank[0]) == len(per_rank[1]) == spec.batches_per_epoch == 16 // (2 * 3)
+    # 25 pairs in train: 13 diseased patches and as many healthy ones, less a shortfall of 1.
+    assert len(per_rank[0]) == len(per_rank[1]) == spec.batches_per_epoch == 25 // (2 * 3)
 
     cache = TeacherCache.open(train_cache)
     row_of = {k: i for i, k in enumerate(cache.read_keys(0, cache.n_items))}
@@ -353,7 +341,7 @@ def test_a_resumed_epoch_streams_the_remaining_batches_with_workers(phantom_shar
         return [b["patch_keys"] for b in loader]
 
     full = keys(0)
-    assert len(full) == spec.batches_per_epoch == 8
+    assert len(full) == spec.batches_per_epoch == 25 // 2
     assert keys(3) == full[3:]
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch  # before tensorflow, always (see DESIGN.md)
+import torch  # before tensorflow, always (docs/design.md, section 2)
 import numpy as np
 
 from leader.errors import LeaderError

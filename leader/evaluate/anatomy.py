@@ -110,6 +110,7 @@ def run_anatomy(shards_dir, representation: str, out, *, k: int = 10, n_folds: i
                  title=f"{rep}: landmark patches (t-SNE), kNN accuracy {metrics['knn_accuracy']:.2f}")
     metrics = {"protocol": "anatomy", "representation": str(rep), "shards": str(shards_dir), "splits": list(splits),
                "samples": {"field": "per_fold", "over": "folds"},
+               "paired": {"metric": "knn_accuracy", "field": "per_fold", "over": "folds of the same patients", "test": "t"},
                "figures": {"tsne": "tsne_landmarks.png"}, **metrics}
     write_metrics(out, metrics)
     return metrics

@@ -169,7 +169,8 @@ def report_command(
     strict: bool = typer.Option(False, "--strict", help="Exit with status 1 when a claim fails."),
 ):
     """Tables (representations x protocols) with CIs, significance and figures; claims marked PASS/FAIL."""
-    from leader.evaluate.report import load_claims, write_report
+    from leader.evaluate.claims import load_claims
+    from leader.evaluate.report import write_report
 
     _, verdicts = write_report(dirs, out, load_claims(claims) if claims else None)
     for verdict in verdicts:

@@ -36,14 +36,17 @@ class Item:
     patient: str
     box: tuple[float, float, float, float] | None   # patch box in stored-image pixels
     labels: dict                  # the sample's image labels: name -> 1 / 0 / None
+    source_label: str | None = None       # the patch's class in the dataset's own names, where kept
+    source_classes: dict | None = None    # the sample's own classes (VinDr, ChestX-Det): name -> 1 / 0 / None
 
 
 class ItemTable:
-    def __init__(self, root: Path, items: list[Item], label_names: list[str], landmark_names: list[str]):
+    def __init__(self, root: Path, items: list[Item], manifest: Manifest):
         self.root = root
         self.items = items
-        self.label_names = label_names
-        self.landmark_names = landmark_names
+        self.manifest = manifest
+        self.label_names = list(manifest.label_names)
+        self.landmark_names = list(manifest.landmark_names)
 
     @classmethod
     def load(cls, shards_dir: str | Path) -> "ItemTable":
@@ -58,14 +61,15 @@ class ItemTable:
                     f"{len(items)} with {len(meta['patches'])} patches; the shards are inconsistent, rebuild them"
                 )
             common = dict(sample_key=sample.key, split=meta["split"], patient=str(meta["patient_id"]),
-                          labels=meta["labels"])
+                          labels=meta["labels"], source_classes=meta.get("source_classes"))
             items.append(Item(row=start, key=sample.key, kind="image", label=None, box=None, **common))
             for j, patch in enumerate(meta["patches"]):
                 items.append(Item(row=start + 1 + j, key=item_key(sample.key, j), kind=patch["kind"],
-                                  label=patch["label"], box=tuple(patch["box"]), **common))
+                                  label=patch["label"], box=tuple(patch["box"]),
+                                  source_label=patch.get("source_label"), **common))
         if len(items) != manifest.n_items:
             raise LeaderError(f"{shards_dir}: the shards hold {len(items)} items but the manifest says {manifest.n_items}")
-        return cls(Path(shards_dir), items, list(manifest.label_names), list(manifest.landmark_names))
+        return cls(Path(shards_dir), items, manifest)
 
     def select(self, kind: str | Sequence[str] | None = None, split: str | Sequence[str] | None = None) -> list[Item]:
         kinds = _as_set(kind, KINDS, "kind")
@@ -87,12 +91,14 @@ def rows_of(items: Iterable[Item]) -> np.ndarray:
     return np.fromiter((it.row for it in items), dtype=np.int64)
 
 
-def label_matrix(items: Sequence[Item], names: Sequence[str]) -> np.ndarray:
-    """(n, C) float: 1 positive, 0 negative, NaN unknown or not labelled by the sample's dataset."""
+def label_matrix(items: Sequence[Item], names: Sequence[str], source: bool = False) -> np.ndarray:
+    """(n, C) float: 1 positive, 0 negative, NaN unknown or not labelled by the sample's dataset.
+    source: read the dataset's own classes (a class set of them, see leader/shards/class_sets.py)."""
     out = np.full((len(items), len(names)), np.nan)
     for i, it in enumerate(items):
+        values = (it.source_classes or {}) if source else it.labels
         for c, name in enumerate(names):
-            value = it.labels.get(name)
+            value = values.get(name)
             if value is not None:
                 out[i, c] = float(value)
     return out

@@ -39,6 +39,9 @@ from leader.evaluate.results import write_metrics
 from leader.evaluate.stats import auc_summary, per_class_auc
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# What a paired claim compares between two representations probed on the same test set.
+BOOTSTRAP_PAIRS = {"metric": "auc_mean", "field": "auc_boot", "over": "bootstrap resamples of the test images",
+                   "test": "bootstrap"}
 FALLBACK_L2 = 1e-2   # used for a class whose validation split cannot rank (no positive or negative)
 
 
@@ -200,6 +203,8 @@ def linear_probe(
         "auc_mean": top["auc_mean"],
         "auc_std": top["auc_std"],
         "auc_ci95": top["auc_ci95"],
+        "auc_boot": top["auc_boot"],
+        "paired": BOOTSTRAP_PAIRS,
         "auc_per_class": top["auc_per_class"],
         "per_seed": top["per_seed"],
         "seed_variation": top["seed_variation"],

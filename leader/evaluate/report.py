@@ -1,6 +1,7 @@
 """`leader report`: every metrics.json under some directories, as one markdown page.
 
     text, verdicts = write_report(["runs/demo/eval"], "runs/demo/report.md", claims=load_claims("claims.yaml"))
+    # load_claims: leader/evaluate/claims.py
 
 The page holds:
 - a summary table, representations as rows and protocols as columns (primary metric with its
@@ -12,47 +13,20 @@ The page holds:
 - when claims are given, each claim with PASS or FAIL and the numbers behind it. A claim whose
   numbers are missing is a FAIL that says what is missing: nothing is left out quietly.
 
-Claims are a small declarative list (YAML or JSON), each entry:
-
-    - name: the student separates landmarks better than the disease teacher
-      protocol: anatomy                 # the metrics' protocol
-      metric: knn_accuracy              # default: the protocol's primary metric
-      subject: "run:*"                  # a representation (shell-style pattern, one match)
-      reference: teacher:disease        # another representation ...
-      plus: 0.10                        # ... subject >= times * reference + plus
-      times: 1.0
-    - name: retrieval is useful at all
-      protocol: retrieval
-      subject: "run:*"
-      value: 0.2                        # or a constant: subject >= value
+Claims are the declarative list `leader/evaluate/claims.py` describes.
 """
 from __future__ import annotations
 
-import fnmatch
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from leader.errors import LeaderError
+from leader.evaluate.claims import Verdict, judge
 from leader.evaluate.compare import compare_metrics
 from leader.evaluate.figures import auc_bars
 from leader.evaluate.protocols import protocols
 from leader.evaluate.results import METRICS_NAME, load_metrics
 from leader.io import atomic_write_text
-
-CLAIM_KEYS = {"name", "protocol", "metric", "subject", "reference", "value", "times", "plus"}
-
-
-@dataclass
-class Verdict:
-    name: str
-    passed: bool
-    detail: str
-
-    def line(self) -> str:
-        return f"{'PASS' if self.passed else 'FAIL'}: {self.name} ({self.detail})"
-
 
 def collect_metrics(paths: list[str | Path]) -> list[dict]:
     """Every metrics.json named, or found below the named directories, in a stable order."""
@@ -75,71 +49,6 @@ def collect_metrics(paths: list[str | Path]) -> list[dict]:
                               "report one evaluation per cell")
         seen[cell] = m["_path"]
     return metrics
-
-
-def load_claims(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        raise LeaderError(f"claims file {path} not found")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        claims = yaml.safe_load(text)
-    else:
-        claims = json.loads(text)
-    return check_claims(claims, str(path))
-
-
-def check_claims(claims, where: str = "claims") -> list[dict]:
-    if not isinstance(claims, list):
-        raise LeaderError(f"{where}: claims must be a list of mappings")
-    for i, claim in enumerate(claims):
-        if not isinstance(claim, dict):
-            raise LeaderError(f"{where}: claim {i} is not a mapping")
-        unknown = set(claim) - CLAIM_KEYS
-        if unknown:
-            raise LeaderError(f"{where}: claim {i} has unknown keys {sorted(unknown)}; allowed: {sorted(CLAIM_KEYS)}")
-        for key in ("name", "protocol", "subject"):
-            if key not in claim:
-                raise LeaderError(f"{where}: claim {i} lacks {key!r}")
-        if ("reference" in claim) == ("value" in claim):
-            raise LeaderError(f"{where}: claim {claim['name']!r} needs exactly one of 'reference' or 'value'")
-    return claims
-
-
-def _find(metrics: list[dict], protocol: str, pattern: str) -> tuple[dict | None, str]:
-    matches = [m for m in metrics if m["protocol"] == protocol and fnmatch.fnmatchcase(m["representation"], pattern)]
-    if len(matches) > 1:
-        names = ", ".join(m["representation"] for m in matches)
-        raise LeaderError(f"claims: {pattern!r} matches several {protocol} representations ({names}); make it specific")
-    if not matches:
-        return None, f"no {protocol} metrics for {pattern}"
-    return matches[0], ""
-
-
-def judge(claim: dict, metrics: list[dict]) -> Verdict:
-    subject, missing = _find(metrics, claim["protocol"], claim["subject"])
-    if subject is None:
-        return Verdict(claim["name"], False, f"missing: {missing}")
-    metric = claim.get("metric", subject["primary"])
-    if metric not in subject:
-        return Verdict(claim["name"], False, f"missing: {subject['representation']} has no {metric}")
-    value = float(subject[metric])
-    times, plus = float(claim.get("times", 1.0)), float(claim.get("plus", 0.0))
-    if "value" in claim:
-        threshold, against = float(claim["value"]), f"{float(claim['value']):.4f}"
-    else:
-        reference, missing = _find(metrics, claim["protocol"], claim["reference"])
-        if reference is None or metric not in reference:
-            return Verdict(claim["name"], False, f"missing: {missing or reference['representation'] + ' has no ' + metric}")
-        ref_value = float(reference[metric])
-        threshold = times * ref_value + plus
-        against = (f"{times:g} x " if times != 1.0 else "") + f"{reference['representation']} {ref_value:.4f}" \
-            + (f" {plus:+g}" if plus else "")
-    passed = value >= threshold
-    return Verdict(claim["name"], passed,
-                   f"{metric}: {subject['representation']} {value:.4f} {'>=' if passed else '<'} {against} = {threshold:.4f}")
 
 
 def _cell(m: dict) -> str:

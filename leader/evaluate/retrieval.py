@@ -140,6 +140,7 @@ def run_retrieval(shards_dir, representation: str, out, *, k: int = 100, n_queri
     )
     metrics = {"protocol": "retrieval", "representation": str(rep), "shards": str(shards_dir), "split": split,
                "seed": seed, "samples": {"field": "per_query", "over": "queries"},
+               "paired": {"metric": "precision_at_k_mean", "field": "per_query", "over": "queries", "test": "t"},
                "figures": {"retrieval_grid": "retrieval_grid.png"}, **metrics}
     write_metrics(out, metrics)
     return metrics

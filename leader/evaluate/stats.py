@@ -35,7 +35,18 @@ def per_class_auc(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def bootstrap_auc_mean(
     scores: list[np.ndarray], labels: np.ndarray, classes: np.ndarray, n_boot: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """95% percentile CI of the class-mean AUC, resampling test items with replacement.
+    """95% percentile CI of the class-mean AUC, resampling test items with replacement."""
+    lo, hi = np.nanpercentile(bootstrap_auc_replicates(scores, labels, classes, n_boot, seed), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_auc_replicates(
+    scores: list[np.ndarray], labels: np.ndarray, classes: np.ndarray, n_boot: int = 1000, seed: int = 0
+) -> np.ndarray:
+    """(n_boot,) class-mean AUCs over resamples of the test items drawn with replacement.
+
+    The resamples depend on (seed, number of test items) alone, so two representations evaluated on
+    the same test set are resampled identically, and their replicates pair up for a paired test.
 
     `scores` holds one (n, C) matrix per training seed; every resample uses the same items for all
     of them and averages their class-mean AUCs, so the interval is that of the reported number
@@ -58,21 +69,21 @@ def bootstrap_auc_mean(
                     rank_auc(s[index[b], c][known[b]], y[b][known[b]] == 1) for b in range(n_boot)
                 ]))
         totals += np.nanmean(np.stack(class_aucs), axis=0)
-    means = totals / len(scores)
-    lo, hi = np.nanpercentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+    return totals / len(scores)
 
 
 def auc_summary(fraction: float, per_seed: list[float], seed_scores: list[np.ndarray], test_labels: np.ndarray,
                 classes: np.ndarray, class_names: list[str], n_boot: int) -> dict:
     """The metrics.json entry of one label fraction: mean/std over seeds, bootstrap CI, AUC per class."""
     per_class = np.mean([per_class_auc(s, test_labels) for s in seed_scores], axis=0)
-    lo, hi = bootstrap_auc_mean(seed_scores, test_labels, classes, n_boot=n_boot)
+    replicates = bootstrap_auc_replicates(seed_scores, test_labels, classes, n_boot=n_boot)
+    lo, hi = np.nanpercentile(replicates, [2.5, 97.5])
     return {
         "fraction": fraction,
         "auc_mean": float(np.mean(per_seed)),
         "auc_std": float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
-        "auc_ci95": [lo, hi],
+        "auc_ci95": [float(lo), float(hi)],
+        "auc_boot": [round(float(r), 6) for r in replicates],    # paired across representations (same resamples)
         "auc_per_class": {class_names[c]: float(per_class[c]) for c in classes},
         "per_seed": per_seed,
     }

@@ -22,36 +22,52 @@ put back the other's half as it was before. Block writes therefore hold an exclu
 a file in the store. Writing is a small part of a precompute (the teachers dominate), so the
 serialisation costs nothing measurable. The per-shard `done` flags have one chunk per shard and
 need no lock. Object stores have no such lock; several ranks writing one remote store are refused.
+Who else may write or read a teacher meanwhile is settled by the locks in `locks.py`.
+
+Every chunk carries a CRC32C of its stored bytes (zarr's crc32c codec after the compressor), so a
+flipped bit on disk fails the read instead of decoding to wrong embeddings a student would learn.
+Any read that meets a damaged chunk raises `DamagedCache`, one line naming the cache, the chunk
+file, the teacher and the shards it holds, and the command that recomputes just those
+(`leader precompute --repair`, which resets what `damaged_chunks` finds; see `repair_teacher`).
+Caches written before the checksums still load; `summary()` says which arrays have none.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
 import hashlib
+import itertools
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 import leader
 from leader.errors import LeaderError
 from leader.io import open_input
+from leader.precompute.locks import local_store_path, no_readers, register_reader, store_lock
 from leader.shards.layout import KIND_CODES, SPLIT_CODES, item_keys, iter_shard_metas
 from leader.shards.manifest import KEYS_NAME, Manifest
 from leader.views import K, ViewSpec, sample_view_params
 
 FORMAT = "leader-cache/1"
-LOCK_NAME = ".leader.lock"
 DTYPES = ("float16", "float32")
 
 # Embeddings barely compress (measured on pooled ResNet features and on signed 1376-d vectors:
 # 1.0-1.4x), so the codec is chosen for speed: Blosc zstd at level 1 with byte shuffle decodes at
 # hundreds of MB/s per core, far above what a trainer reads, and still saves ~30% on ReLU features.
 EMB_CODEC = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+# A CRC32C of each chunk's stored bytes: a flipped bit fails the read (cost: see benchmarks/cache_cost.py).
+CHECKSUM = Crc32cCodec()
+EMB_CODECS = (EMB_CODEC, CHECKSUM)
+SMALL_CODECS = (ZstdCodec(level=0), CHECKSUM)    # zarr's own default compressor, then the checksum
+SHARED_ARRAYS = ("items/key", "items/kind", "items/split", "views/params")
+TEACHER_ARRAYS = ("emb", "valid", "done", "stats")
+MAX_DAMAGE_LISTED = 50
 ITEM_CHUNK_ROWS = 1 << 16              # keys, kinds, splits: small per row, read in blocks
 MAX_CHUNK_BYTES = 16 << 20             # cap on one uncompressed embedding/params chunk
 FLUSH_ROWS = 1 << 16                   # rows buffered while the shared arrays are written
@@ -72,16 +88,6 @@ def chunk_rows_for(shard_items: Sequence[int], row_bytes: int) -> int:
     return int(max(1, min(-(-typical // 2), MAX_CHUNK_BYTES // max(1, row_bytes))))
 
 
-def local_store_path(path: str | Path) -> Path | None:
-    """The directory of a store on this machine, or None for a remote (or in-memory) URL."""
-    text = str(path)
-    if text.startswith("file://"):
-        return Path(text[len("file://"):])
-    if "://" in text:
-        return None
-    return Path(text)
-
-
 def keys_fingerprint(manifest: Manifest) -> str:
     """sha256 of keys.txt: every sample key and its item count, in manifest order."""
     h = hashlib.sha256()
@@ -100,6 +106,31 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+class DamagedCache(LeaderError):
+    """A chunk of the cache failed its checksum or did not decode; the message says what to rerun."""
+
+
+@dataclass(frozen=True)
+class DamagedChunk:
+    array: str                   # e.g. "teachers/disease/emb"
+    file: str                    # the chunk's file (or URL)
+    rows: tuple[int, int]        # the rows it holds along the first axis
+    reason: str
+
+
+@dataclass
+class RepairReport:
+    """What `repair_teacher` found and reset, for the command to print."""
+
+    teacher: str
+    damaged: list[DamagedChunk] = field(default_factory=list)
+    nonfinite_shards: list[int] = field(default_factory=list)
+    shards_reset: list[int] = field(default_factory=list)
+    shared_rewritten: bool = False
+    stats_dropped: bool = False
+    unchecked: list[str] = field(default_factory=list)      # arrays without checksums
+
+
 class TeacherCache:
     """One Zarr v3 store of teacher embeddings for one shard set."""
 
@@ -108,6 +139,7 @@ class TeacherCache:
         self.group = group
         self.attrs = dict(group.attrs)
         self._arrays: dict[str, zarr.Array] = {}
+        self._reading: set[str] = set()         # teachers this (read-only) cache holds a reader lock on
 
     # ---- opening ----------------------------------------------------------------------------
     @classmethod
@@ -170,7 +202,6 @@ class TeacherCache:
             group.attrs["complete"] = True      # the flag after the data
             return cls(path, group)
 
-    create = create_or_open
 
     # ---- store-level facts ------------------------------------------------------------------
     @property
@@ -233,34 +264,34 @@ class TeacherCache:
 
     # ---- reading: one zarr read per call ----------------------------------------------------
     def read_keys(self, row_start: int, row_stop: int) -> list[str]:
-        return self._array("items/key")[row_start:row_stop].tolist()
+        return self._read("items/key", row_start, row_stop).tolist()
 
     def read_kind(self, row_start: int, row_stop: int) -> np.ndarray:
-        return self._array("items/kind")[row_start:row_stop]
+        return self._read("items/kind", row_start, row_stop)
 
     def read_split(self, row_start: int, row_stop: int) -> np.ndarray:
-        return self._array("items/split")[row_start:row_stop]
+        return self._read("items/split", row_start, row_stop)
 
     def read_params(self, row_start: int, row_stop: int) -> np.ndarray:
-        return self._array("views/params")[row_start:row_stop]
+        return self._read("views/params", row_start, row_stop)
 
     def read_block(self, name: str, row_start: int, row_stop: int) -> np.ndarray:
         """(n, Vt, D) embeddings of rows [row_start, row_stop), in the stored dtype."""
-        return self._array(f"teachers/{name}/emb")[row_start:row_stop]
+        return self._read(f"teachers/{name}/emb", row_start, row_stop)
 
     def read_valid(self, name: str, row_start: int, row_stop: int) -> np.ndarray:
-        return self._array(f"teachers/{name}/valid")[row_start:row_stop]
+        return self._read(f"teachers/{name}/valid", row_start, row_stop)
 
     def is_done(self, name: str) -> np.ndarray:
         """(S,) bool: which shards hold this teacher's finished embeddings."""
-        return self._array(f"teachers/{name}/done")[:]
+        return self._read(f"teachers/{name}/done")
 
     def stats(self, name: str) -> tuple[np.ndarray, np.ndarray] | None:
         """Per-dimension (mean, std) over train images, view 0; None until every shard is done."""
-        group = self._teacher_group(name, fresh=True)
-        if "stats" not in group:
+        if "stats" not in self._teacher_group(name, fresh=True):
             return None
-        stats = group["stats"][:]
+        self._arrays.pop(f"teachers/{name}/stats", None)      # rewritten by whoever finished the teacher
+        stats = self._read(f"teachers/{name}/stats")
         return stats[0], stats[1]
 
     def emb_shape(self, name: str) -> tuple[int, ...]:
@@ -283,7 +314,7 @@ class TeacherCache:
                               f"{self.n_views} per item (use --views <= {self.n_views} or a new --cache)")
         wanted = _plain({**{k: description.get(k) for k in ("kind", "fingerprint", "dim", "preprocessing", "input_size")},
                          "n_views": int(n_views), "dtype": dtype})
-        with store_lock(self.path):
+        with store_lock(self.path), contextlib.ExitStack() as replacing:
             teachers = self.group.require_group("teachers")
             if name in teachers:
                 stored = dict(teachers[name].attrs)
@@ -294,15 +325,18 @@ class TeacherCache:
                         return
                     if not replace_mismatched:
                         raise LeaderError(_mismatch_message(self.path, name, differences, stored, wanted))
+                    replacing.enter_context(no_readers(self.path, name, "replacing its embeddings"))
             group = teachers.create_group(name, overwrite=True)
             self._arrays = {k: v for k, v in self._arrays.items() if not k.startswith(f"teachers/{name}/")}
             dim, itemsize = int(wanted["dim"]), np.dtype(dtype).itemsize
             rows = chunk_rows_for([b - a for a, b in self.shard_rows], n_views * dim * itemsize)
             group.create_array("emb", shape=(self.n_items, n_views, dim), dtype=dtype,
-                               chunks=(rows, n_views, dim), compressors=EMB_CODEC, fill_value=np.nan)
-            group.create_array("valid", shape=(self.n_items,), dtype=bool, chunks=(rows,), fill_value=False)
+                               chunks=(rows, n_views, dim), compressors=EMB_CODECS, fill_value=np.nan)
+            group.create_array("valid", shape=(self.n_items,), dtype=bool, chunks=(rows,), fill_value=False,
+                               compressors=SMALL_CODECS)
             # One chunk per shard: ranks flag their own shards without sharing an object.
-            group.create_array("done", shape=(self.n_shards,), dtype=bool, chunks=(1,), fill_value=False)
+            group.create_array("done", shape=(self.n_shards,), dtype=bool, chunks=(1,), fill_value=False,
+                               compressors=SMALL_CODECS)
             group.attrs.update({**wanted, "role": role or name, "name": name,
                                 "leader_version": leader.__version__, "created": utc_now(),
                                 "stats": None, "complete_arrays": True})
@@ -314,19 +348,24 @@ class TeacherCache:
             raise LeaderError(f"teacher {name!r}: block shape {emb.shape} does not fit cache rows {array.shape[1:]}")
         row_stop = row_start + len(emb)
         with store_lock(self.path), self._disk_full_is_an_error(name, f"rows {row_start}-{row_stop}"):
-            array[row_start:row_stop] = emb.astype(array.dtype, copy=False)
-            self._array(f"teachers/{name}/valid")[row_start:row_stop] = valid
+            # A chunk shared with a neighbouring shard is read back and merged: it must be sound.
+            with self._damage_is_named(f"teachers/{name}/emb", row_start, row_stop):
+                array[row_start:row_stop] = emb.astype(array.dtype, copy=False)
+            with self._damage_is_named(f"teachers/{name}/valid", row_start, row_stop):
+                self._array(f"teachers/{name}/valid")[row_start:row_stop] = valid
 
     def mark_done(self, name: str, shard: int) -> None:
         with self._disk_full_is_an_error(name, f"the done flag of shard {shard}"):
             self._array(f"teachers/{name}/done")[shard] = True
 
     def write_stats(self, name: str, mean: np.ndarray, std: np.ndarray, info: Mapping[str, Any]) -> None:
-        with self._disk_full_is_an_error(name, "the standardisation statistics"):
+        with store_lock(self.path), self._disk_full_is_an_error(name, "the standardisation statistics"):
             group = self._teacher_group(name, fresh=True)
             stats = np.stack([mean, std]).astype(np.float32)
-            array = group.create_array("stats", shape=stats.shape, dtype="float32", overwrite=True)
+            array = group.create_array("stats", shape=stats.shape, dtype="float32", chunks=stats.shape,
+                                       compressors=SMALL_CODECS, overwrite=True)
             array[:] = stats
+            self._arrays.pop(f"teachers/{name}/stats", None)
             group.attrs["stats"] = _plain(dict(info))
 
     @contextlib.contextmanager
@@ -348,7 +387,7 @@ class TeacherCache:
 
     def reset_done(self, name: str, shard: int) -> None:
         """Mark a shard to be computed again by the next precompute."""
-        self._array(f"teachers/{name}/done")[shard] = False
+        self._array(f"teachers/{name}/done")[shard] = False      # a whole one-flag chunk: nothing is read
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -368,6 +407,7 @@ class TeacherCache:
             written = emb.nchunks_initialized * chunk_bytes
             emb_stored = emb.nbytes_stored()
             valid = self.read_valid(name, 0, self.n_items)
+            unchecked = self.unchecked_arrays(name)
             teachers[name] = {
                 "kind": attrs.get("kind"), "role": attrs.get("role"), "dim": attrs.get("dim"),
                 "views": int(emb.shape[1]), "dtype": str(emb.dtype),
@@ -381,16 +421,109 @@ class TeacherCache:
                 "stats": attrs.get("stats") is not None,
                 "audit": (attrs.get("audit") or {}).get("consistent_families"),
                 "missing": attrs.get("missing"),
+                "checksums": not unchecked,
+                "unchecked_arrays": unchecked,
             }
         a = self.attrs
+        unchecked = self.unchecked_arrays()
         return {"path": self.path, "n_items": a["n_items"], "n_shards": a["n_shards"], "n_views": a["n_views"],
                 "seed": a["seed"], "patch_size": a["patch_size"], "view_spec": a["view_spec"],
                 "manifest_fingerprint": a["manifest_fingerprint"], "leader_version": a.get("leader_version"),
-                "created": a.get("created"), "teachers": teachers}
+                "created": a.get("created"), "checksums": not unchecked, "unchecked_arrays": unchecked,
+                "teachers": teachers}
+
+    # ---- checksums and damage ---------------------------------------------------------------
+    def arrays(self, teacher: str | None = None) -> list[str]:
+        """The store's arrays: the shared ones, or one teacher's (stats once they exist)."""
+        if teacher is None:
+            return list(SHARED_ARRAYS)
+        group = self._teacher_group(teacher, fresh=True)
+        return [f"teachers/{teacher}/{a}" for a in TEACHER_ARRAYS if a in group]
+
+    def unchecked_arrays(self, teacher: str | None = None) -> list[str]:
+        """Arrays whose chunks carry no checksum (written before leader added them)."""
+        return [key for key in self.arrays(teacher)
+                if not any(isinstance(c, Crc32cCodec) for c in self._array(key).compressors)]
+
+    def damaged_chunks(self, key: str, row_start: int | None = None, row_stop: int | None = None) -> list[DamagedChunk]:
+        """Every chunk of `key` (within rows [row_start, row_stop)) that fails its checksum or does not
+        decode. Reads each chunk on its own, so it costs one read of those rows."""
+        array = self._array(key)
+        first, stop = row_start or 0, array.shape[0] if row_stop is None else row_stop
+        rows_per_chunk = array.chunks[0]
+        ranges = [range(-(-size // chunk)) for size, chunk in zip(array.shape[1:], array.chunks[1:])]
+        damaged = []
+        for i in range(first // rows_per_chunk, -(-stop // rows_per_chunk)):
+            rows = (i * rows_per_chunk, min((i + 1) * rows_per_chunk, array.shape[0]))
+            for rest in itertools.product(*ranges):
+                where = (slice(*rows),) + tuple(slice(j * c, (j + 1) * c) for j, c in zip(rest, array.chunks[1:]))
+                try:
+                    array[where]
+                except Exception as e:  # noqa: BLE001 - any failure to decode a chunk is damage
+                    reason = ("its CRC32C checksum does not match" if "checksum" in str(e)
+                              else f"it does not decode: {type(e).__name__}: {e}")
+                    file = f"{self.path.rstrip('/')}/{key}/{array.metadata.encode_chunk_key((i, *rest))}"
+                    damaged.append(DamagedChunk(key, file, rows, reason))
+        return damaged
+
+    def damage_message(self, damaged: Sequence[DamagedChunk]) -> str:
+        """One line: what the first damaged chunk holds, its file, and how to recompute just that."""
+        first = damaged[0]
+        parts = first.array.split("/")
+        a, b = first.rows
+        more = (f" (and {len(damaged) - 1} more damaged chunk(s); `leader cache verify --deep` lists them)"
+                if len(damaged) > 1 else "")
+        if parts[0] == "teachers":
+            name, what = parts[1], parts[2]
+            held = {"emb": f"the embeddings of shard(s) {_listed(self.shards_in(a, b))} (rows {a}-{b})",
+                    "valid": f"the valid flags of shard(s) {_listed(self.shards_in(a, b))} (rows {a}-{b})",
+                    "done": f"the done flag of shard {a}",
+                    "stats": "its standardisation statistics"}[what]
+            return (f"cache {self.path}: teacher {name!r}: {held} sit in {first.file}, which is damaged "
+                    f"({first.reason}){more}; recompute just that with `{self.repair_command(name)}` "
+                    "(with the teacher's usual --model and options)")
+        return (f"cache {self.path}: the shared array {first.array} (rows {a}-{b}, shard(s) "
+                f"{_listed(self.shards_in(a, b))}) sits in {first.file}, which is damaged ({first.reason}){more}; "
+                f"rewrite it from the shards with `{self.repair_command('<any teacher in it>')}`")
+
+    def repair_command(self, name: str) -> str:
+        local = local_store_path(self.path)
+        if local is not None and local.name == "cache.zarr" and (local.parent / "manifest.json").exists():
+            return f"leader precompute --teacher {name} --shards {local.parent} --repair"
+        return f"leader precompute --teacher {name} --shards <its shards> --cache {self.path} --repair"
+
+    def shards_in(self, row_start: int, row_stop: int) -> list[int]:
+        """The shards holding any of rows [row_start, row_stop)."""
+        return [i for i, (a, b) in enumerate(self.shard_rows) if a < row_stop and row_start < b]
+
+    # ---- internals --------------------------------------------------------------------------
+    def _read(self, key: str, row_start: int | None = None, row_stop: int | None = None) -> np.ndarray:
+        """array[row_start:row_stop]; a damaged chunk there becomes DamagedCache naming it."""
+        array = self._array(key)
+        with self._damage_is_named(key, row_start, row_stop):
+            return array[row_start:row_stop]
+
+    @contextlib.contextmanager
+    def _damage_is_named(self, key: str, row_start: int | None, row_stop: int | None) -> Iterator[None]:
+        try:
+            yield
+        except LeaderError:
+            raise
+        except Exception:
+            # Only on the error path: find which chunk failed, so the message can name it.
+            damaged = self.damaged_chunks(key, row_start, row_stop)
+            if not damaged:
+                raise
+            raise DamagedCache(self.damage_message(damaged)) from None
 
     # ---- internals --------------------------------------------------------------------------
     def _array(self, key: str) -> zarr.Array:
         if key not in self._arrays:
+            parts = key.split("/")
+            if parts[0] == "teachers" and self.group.read_only and parts[1] not in self._reading:
+                # Readers hold a shared lock, so that no one replaces or repairs this teacher under them.
+                register_reader(self.path, parts[1], self)
+                self._reading.add(parts[1])
             try:
                 self._arrays[key] = self.group[key]
             except KeyError:
@@ -415,20 +548,101 @@ class TeacherCache:
 # Verification
 
 
-def find_problems(cache: TeacherCache, manifest: Manifest, max_listed: int = 5) -> list[str]:
+def find_problems(cache: TeacherCache, manifest: Manifest, max_listed: int = 5, deep: bool = False) -> list[str]:
     """Everything wrong between a cache and its shards, one message per problem (empty: all good).
 
     Checks the store against the manifest, the item keys against keys.txt, and per teacher: its
     attributes, the embedding shape against them, the done flags, NaN/Inf in valid rows of done
-    shards, and the standardisation stats of a complete teacher.
+    shards, and the standardisation stats of a complete teacher. Those checks read the keys and
+    every done shard's embeddings, so a damaged chunk there is found; `deep` also reads every
+    other chunk of every array and names each damaged chunk file.
     """
     problems = cache.mismatches(manifest)
     if cache.n_items != manifest.n_items or cache.n_shards != len(manifest.shards):
         return problems            # rows cannot be compared
-    problems += _key_problems(cache, manifest, max_listed)
-    for name in cache.teachers:
-        problems += _teacher_problems(cache, name, max_listed)
+    damaged = []
+    if deep:
+        for teacher in [None, *cache.teachers]:
+            damaged += [d for key in cache.arrays(teacher) for d in cache.damaged_chunks(key)]
+        problems += [f"chunk {d.file} ({d.array}, rows {d.rows[0]}-{d.rows[1]}) is damaged: {d.reason}"
+                     for d in damaged[:MAX_DAMAGE_LISTED]]
+        if len(damaged) > MAX_DAMAGE_LISTED:
+            problems.append(f"... and {len(damaged) - MAX_DAMAGE_LISTED} more damaged chunks")
+    sections = [lambda: _key_problems(cache, manifest, max_listed)]
+    sections += [lambda name=name: _teacher_problems(cache, name, max_listed) for name in cache.teachers]
+    for section in sections:
+        try:
+            problems += section()
+        except DamagedCache as e:
+            if not damaged:          # the deep pass has named every damaged chunk already
+                problems.append(str(e))
+    if damaged:
+        problems.append(_repair_advice(cache, damaged))
     return problems
+
+
+def _repair_advice(cache: TeacherCache, damaged: list[DamagedChunk]) -> str:
+    teachers = sorted({d.array.split("/")[1] for d in damaged if d.array.startswith("teachers/")})
+    shared = any(not d.array.startswith("teachers/") for d in damaged)
+    names = teachers or ["<any teacher in it>"]
+    what = "rewrites the shared arrays and " if shared else ""
+    return (f"{len(damaged)} damaged chunk(s): " + "; ".join(f"`{cache.repair_command(n)}`" for n in names)
+            + f" {what}recomputes only the shards they hold")
+
+
+# ---------------------------------------------------------------------------------------------
+# Repair: reset what fails verification, so that the usual resumable loop recomputes just that
+
+
+def repair_teacher(cache: TeacherCache, manifest: Manifest, name: str) -> RepairReport:
+    """Prepare teacher `name` of a writable cache for recomputing whatever fails verification.
+
+    Under the store lock and with no reader of the teacher: damaged shared arrays are written again
+    from the shards (their content depends on the manifest, view spec and seed only); a damaged
+    embedding or valid chunk is overwritten whole with the fill value (a whole-chunk write reads
+    nothing back) and the done flag of every shard it touches is reset; so is a damaged done flag,
+    and the flag of every done shard with NaN/Inf in a valid row. When anything was reset, or the
+    statistics are damaged, they are dropped so that the finished teacher computes them again.
+    The caller then runs the precompute, which redoes exactly the shards not done.
+    """
+    report = RepairReport(name)
+    with store_lock(cache.path), no_readers(cache.path, name, "--repair"):
+        report.unchecked = cache.unchecked_arrays() + cache.unchecked_arrays(name)
+        shared = [d for key in cache.arrays() for d in cache.damaged_chunks(key)]
+        if shared:
+            report.damaged += shared
+            # Unfinished until rewritten: a kill in between leaves a store `create_or_open` redoes.
+            cache.group.attrs["complete"] = False
+            _write_shared_arrays(cache.group, manifest, cache.n_views, cache.view_spec, cache.seed, None)
+            cache.group.attrs["complete"] = True
+            cache._arrays.clear()
+            report.shared_rewritten = True
+        prefix = f"teachers/{name}"
+        damaged = {key.rsplit("/", 1)[1]: cache.damaged_chunks(key) for key in cache.arrays(name)}
+        report.damaged += [d for chunks in damaged.values() for d in chunks]
+        reset: set[int] = set()
+        for d in damaged.get("emb", []) + damaged.get("valid", []):
+            a, b = d.rows
+            cache._array(f"{prefix}/emb")[a:b] = np.nan
+            cache._array(f"{prefix}/valid")[a:b] = False
+            reset |= set(cache.shards_in(a, b))
+        reset |= {d.rows[0] for d in damaged.get("done", [])}
+        for shard in sorted(reset):
+            cache.reset_done(name, shard)
+        for shard in np.flatnonzero(cache.is_done(name)):
+            a, b = cache.shard_rows[shard]
+            if (cache.read_valid(name, a, b) & ~np.isfinite(cache.read_block(name, a, b)).all(axis=(1, 2))).any():
+                report.nonfinite_shards.append(int(shard))
+                cache.reset_done(name, int(shard))
+        report.shards_reset = sorted(reset | set(report.nonfinite_shards))
+        if report.shards_reset or damaged.get("stats"):
+            group = cache._teacher_group(name, fresh=True)
+            if "stats" in group:
+                del group["stats"]
+            group.attrs.update({"stats": None, "completed": None})
+            cache._arrays.pop(f"{prefix}/stats", None)
+            report.stats_dropped = True
+    return report
 
 
 def _key_problems(cache: TeacherCache, manifest: Manifest, max_listed: int) -> list[str]:
@@ -486,7 +700,7 @@ def _teacher_problems(cache: TeacherCache, name: str, max_listed: int) -> list[s
                 break
     if bad_rows:
         problems.append(f"{who}: NaN/Inf embeddings in valid rows, first: {', '.join(bad_rows)}; "
-                        "reset those shards (or use --overwrite-teacher) and rerun leader precompute")
+                        f"`{cache.repair_command(name)}` recomputes those shards")
     if done.all():
         stats = cache.stats(name)
         if stats is None:
@@ -495,6 +709,10 @@ def _teacher_problems(cache: TeacherCache, name: str, max_listed: int) -> list[s
         elif not (np.isfinite(stats[0]).all() and np.isfinite(stats[1]).all()):
             problems.append(f"{who}: the standardisation stats hold NaN/Inf")
     return problems
+
+
+def _listed(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values) or "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,11 +725,11 @@ def _write_shared_arrays(group: zarr.Group, manifest: Manifest, n_views: int, vi
     rows = chunk_rows_for([s.n_items for s in manifest.shards], n_views * K * 4)
     item_chunks = (min(ITEM_CHUNK_ROWS, max(n, 1)),)
     items = group.create_group("items", overwrite=True)
-    keys = items.create_array("key", shape=(n,), dtype=str, chunks=item_chunks)
-    kinds = items.create_array("kind", shape=(n,), dtype="uint8", chunks=item_chunks)
-    splits = items.create_array("split", shape=(n,), dtype="uint8", chunks=item_chunks)
+    keys = items.create_array("key", shape=(n,), dtype=str, chunks=item_chunks, compressors=SMALL_CODECS)
+    kinds = items.create_array("kind", shape=(n,), dtype="uint8", chunks=item_chunks, compressors=SMALL_CODECS)
+    splits = items.create_array("split", shape=(n,), dtype="uint8", chunks=item_chunks, compressors=SMALL_CODECS)
     params = group.create_group("views", overwrite=True).create_array(
-        "params", shape=(n, n_views, K), dtype="float32", chunks=(rows, n_views, K), compressors=EMB_CODEC)
+        "params", shape=(n, n_views, K), dtype="float32", chunks=(rows, n_views, K), compressors=EMB_CODECS)
 
     buffer: dict[str, list] = {"key": [], "kind": [], "split": []}
     flushed = 0
@@ -602,40 +820,7 @@ def _mismatch_message(path: str, name: str, differences: list[str], stored: dict
 
 
 # ---------------------------------------------------------------------------------------------
-# Locking and URLs
-
-
-_held_locks: dict[Path, int] = {}
-
-
-@contextlib.contextmanager
-def store_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive lock on the store between processes (local stores; a no-op for URLs).
-
-    Re-entrant within a process: flock locks belong to an open file, so taking the lock again
-    through a second open file would wait for ourselves.
-    """
-    local = local_store_path(path)
-    if local is None:
-        yield
-        return
-    local = local.resolve()
-    if _held_locks.get(local):
-        _held_locks[local] += 1
-        try:
-            yield
-        finally:
-            _held_locks[local] -= 1
-        return
-    local.mkdir(parents=True, exist_ok=True)
-    with open(local / LOCK_NAME, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        _held_locks[local] = 1
-        try:
-            yield
-        finally:
-            _held_locks.pop(local, None)
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+# URLs
 
 
 def _store_url(path: str | Path) -> str:

@@ -1,6 +1,8 @@
 """The precompute loop: run one teacher over every item of a shard set, once, into the cache.
 
-    result = precompute("shards/phantom", teacher_name="anatomy", model="adam_v2.pth", views=4)
+    choice = resolve_teacher("anatomy", model="adam_v2.pth")                  # role defaults: kind adam
+    with create_teacher(choice.kind, model=choice.model, **choice.options) as teacher:
+        result = precompute("shards/phantom", "anatomy", teacher, layout=CacheLayout(views=4))
 
 For each shard this rank owns (shard i belongs to rank i % world_size) and that is not done yet:
 
@@ -33,8 +35,10 @@ import numpy as np
 import torch
 
 from leader.errors import LeaderError
+from leader.io import read_yaml_mapping
 from leader.precompute.cache import TeacherCache, local_store_path, utc_now
-from leader.precompute.teachers import Teacher, create_teacher
+from leader.precompute.locks import teacher_writer
+from leader.precompute.teachers import Teacher
 from leader.runtime import StopOnSigterm, local_device, torchrun_position
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
@@ -71,26 +75,17 @@ def resolve_teacher(name: str, kind: str | None = None, model: str | Path | None
         entry = _config_entry(config, name)
     kind = kind or entry.get("kind") or ROLE_KINDS.get(name)
     if not kind:
-        raise LeaderError(f"teacher {name!r} has no default kind; pass --kind (e.g. adam, cxr-foundation, "
-                          f"cxr-foundation-import, timm) or give teachers.{name}.kind in --config")
+        from leader.precompute.teachers import load_all
+
+        raise LeaderError(f"teacher {name!r} has no default kind; pass --kind (one of {', '.join(load_all())}) "
+                          f"or give teachers.{name}.kind in --config")
     model = model if model is not None else entry.get("model")
     merged = {**(entry.get("options") or {}), **(options or {})}
     return TeacherChoice(name, kind, str(model) if model is not None else None, merged)
 
 
 def _config_entry(config: str | Path | dict, name: str) -> dict:
-    if isinstance(config, dict):
-        data = config
-    else:
-        import yaml
-
-        path = Path(config)
-        if not path.is_file():
-            raise LeaderError(f"--config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LeaderError(f"--config {path} is not valid YAML: {e}") from None
+    data = config if isinstance(config, dict) else read_yaml_mapping(config, "--config")
     teachers = data.get("teachers") if isinstance(data, dict) else None
     if teachers is None:
         return {}
@@ -245,53 +240,66 @@ class PrecomputeResult:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
-def precompute(shards_dir: str | Path, cache_path: str | Path | None = None, teacher_name: str = "disease",
-               kind: str | None = None, model: str | Path | None = None, views: int = 4, batch_size: int = 32,
-               device: str = "cpu", options: dict | None = None, dtype: str = "float16",
-               rank: int | None = None, world_size: int | None = None, allow_remote: bool = False,
-               on_progress: Callable[[int, int], None] | None = None, *,
-               seed: int = 0, patch_size: int = 224, view_spec: ViewSpec | None = None,
-               config: str | Path | dict | None = None, overwrite_teacher: bool = False,
-               teacher: Teacher | None = None, decode_threads: int | None = None) -> PrecomputeResult:
-    """Fill `teachers/<teacher_name>` of the cache beside `shards_dir` (or at `cache_path`).
+@dataclass(frozen=True)
+class CacheLayout:
+    """What a teacher's rows hold: views per item (drawn from `view_spec` and `seed`), the side
+    patches are cut at before their views are rendered, and the stored type."""
 
-    on_progress(items_done, items_total) is called after each shard with this rank's counts.
-    teacher: an already loaded Teacher to use instead of creating one from kind/model/options.
-    decode_threads: threads that decode the next images while the teacher runs (None: up to 8, one
-    per CPU; 0: decode in the loop itself).
+    views: int = 4
+    seed: int = 0
+    patch_size: int = 224
+    view_spec: ViewSpec = field(default_factory=ViewSpec)
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How this process runs the teacher: views per call, the device views are rendered on, the
+    threads decoding ahead (None: one per CPU up to 8; 0: none), and its share of the shards (rank
+    and world size; None: torchrun's RANK and WORLD_SIZE)."""
+
+    batch_size: int = 32
+    device: str = "cpu"
+    decode_threads: int | None = None
+    rank: int | None = None
+    world_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise LeaderError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.decode_threads is not None and self.decode_threads < 0:
+            raise LeaderError(f"--decode-threads must be 0 or more, got {self.decode_threads}")
+
+
+def precompute(shards_dir: str | Path, name: str, teacher: Teacher, cache_path: str | Path | None = None,
+               layout: CacheLayout = CacheLayout(), execution: Execution = Execution(), *,
+               overwrite_teacher: bool = False,
+               on_progress: Callable[[int, int], None] | None = None) -> PrecomputeResult:
+    """Fill `teachers/<name>` of the cache beside `shards_dir` (or at `cache_path`) with `teacher`.
+
+    The caller loads the teacher (`create_teacher`) and closes it; one loaded teacher can fill
+    several shard sets. on_progress(items_done, items_total) is called after each shard with this
+    rank's counts.
     """
-    if batch_size < 1:
-        raise LeaderError(f"--batch-size must be at least 1, got {batch_size}")
-    if decode_threads is None:
-        decode_threads = min(8, os.cpu_count() or 1)
-    if decode_threads < 0:
-        raise LeaderError(f"--decode-threads must be 0 or more, got {decode_threads}")
-    position = torchrun_position(rank, world_size)
+    position = torchrun_position(execution.rank, execution.world_size)
     rank, world_size = position.rank, position.world_size
     manifest = Manifest.load(shards_dir)
     cache_path = str(cache_path if cache_path is not None else default_cache_path(shards_dir))
     if world_size > 1 and local_store_path(cache_path) is None:
         raise LeaderError(f"cache {cache_path} is not on a local file system: {world_size} ranks cannot lock it "
                           "to share its boundary chunks; precompute into a local (or shared POSIX) directory and copy it")
-    device = local_device(device)                         # one GPU per local rank under torchrun
-
-    own_teacher = teacher is None
-    if teacher is None:
-        choice = resolve_teacher(teacher_name, kind, model, options, config)
-        teacher = create_teacher(choice.kind, model=choice.model, device=device, allow_remote=allow_remote, **choice.options)
-    try:
-        n_views_teacher = min(views, teacher.max_views) if teacher.max_views else views
-        cache = TeacherCache.create_or_open(cache_path, manifest, n_views=views, view_spec=view_spec or ViewSpec(),
-                                            seed=seed, patch_size=patch_size)
-        cache.ensure_teacher(teacher_name, teacher.describe(), n_views=n_views_teacher, dtype=dtype,
+    device = local_device(execution.device)               # one GPU per local rank under torchrun
+    threads = min(8, os.cpu_count() or 1) if execution.decode_threads is None else execution.decode_threads
+    n_views_teacher = min(layout.views, teacher.max_views) if teacher.max_views else layout.views
+    # A second writer of this teacher that is not another rank of this run is refused (locks.py).
+    with teacher_writer(cache_path, name, rank, world_size):
+        cache = TeacherCache.create_or_open(cache_path, manifest, n_views=layout.views, view_spec=layout.view_spec,
+                                            seed=layout.seed, patch_size=layout.patch_size)
+        cache.ensure_teacher(name, teacher.describe(), n_views=n_views_teacher, dtype=layout.dtype,
                              replace_mismatched=overwrite_teacher)
-        with ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads else \
-                contextlib.nullcontext() as pool:
-            return _run(cache, manifest, teacher, teacher_name, n_views_teacher, batch_size, device,
-                        rank, world_size, on_progress, pool, ahead=batch_size + 2 * decode_threads)
-    finally:
-        if own_teacher:
-            teacher.close()
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else contextlib.nullcontext() as pool:
+            return _run(cache, manifest, teacher, name, n_views_teacher, execution.batch_size, device,
+                        rank, world_size, on_progress, pool, ahead=execution.batch_size + 2 * threads)
 
 
 def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n_views: int, batch_size: int,
@@ -414,7 +422,7 @@ def _samples_in_order(manifest: Manifest, shard_index: int, keys: list[str]) -> 
     """The shard's samples, checked against the cache's item keys as they stream past."""
     shard = manifest.shards[shard_index]
     a = shard.rows[0]
-    for sample in iter_shard(manifest.path(shard.name)):
+    for sample in iter_shard(manifest.path(shard.name), shard.sha256):
         start, stop = sample.meta["rows"]
         if keys[start - a:stop - a] != sample.item_keys():
             raise LeaderError(f"shard {shard.name}: sample {sample.key!r} at rows {start}-{stop} does not match the "
@@ -429,7 +437,7 @@ def _import_shard(cache: TeacherCache, manifest: Manifest, shard_index: int,
     a, b = shard.rows
     block = np.full((b - a, 1, teacher.dim), np.nan, dtype=np.float32)
     valid = np.zeros(b - a, dtype=bool)
-    metas = list(iter_shard_metas(manifest.path(shard.name)))
+    metas = list(iter_shard_metas(manifest.path(shard.name), shard.sha256))   # image ids: checked bytes only
     image_rows = [m["rows"][0] - a for m in metas]
     embeddings, found = teacher.lookup([m["image_id"] for m in metas])
     block[image_rows, 0] = embeddings

@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 
 from leader.evaluate.figures import auc_bars
-from leader.evaluate.report import _cell, check_claims, combined_auc_figures, judge, render_report
+from leader.evaluate.claims import check_claims, judge
+from leader.evaluate.report import _cell, combined_auc_figures, render_report
 from leader.evaluate.results import METRICS_NAME, load_metrics
 from leader.io import atomic_write_text
 from leader.reproduce.steps import Layout, Plan

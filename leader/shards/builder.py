@@ -1,13 +1,15 @@
 """Build WebDataset shards from a dataset adapter's records.
 
-    records (adapter) -> load + check + resize + encode (worker pool, in order)
+    records (adapter) -> healthy-patch plan (a first pass over the records, no pixels read)
+    records (adapter) -> load + check + scale annotations + resize + encode (worker pool, in order)
                       -> duplicate check, patch plan, item rows (main process, in order)
                       -> shard-NNNNNN.tar (atomic) + per-shard state -> keys.txt, rejects.jsonl -> manifest.json
 
 Everything that decides content happens in record order, so the shards are byte-identical for
 any `--workers`. A killed build resumes from its last complete shard: the per-shard state holds
-all it needs (rows, keys, rejects, the healthy-patch size histogram). SIGTERM (a scheduler's
-pre-emption) lets the shard in progress finish, then stops with `BuildStopped`.
+all it needs (rows, keys, rejects, counts, the healthy-patch size histogram), and the healthy
+plan is a pure function of the records. SIGTERM (a scheduler's pre-emption) lets the shard in
+progress finish, then stops with `BuildStopped`.
 """
 from __future__ import annotations
 
@@ -29,6 +31,16 @@ import leader
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from leader.runtime import StopOnSigterm, ignore_sigterm
+from leader.shards.balance import (
+    HealthyPlan,
+    counts_report,
+    merge_counts,
+    plan_healthy_patches,
+    shortfall_notes,
+    tally_rejects,
+    tally_sample,
+)
+from leader.shards.frames import frame_scale, scale_box, scale_points
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry
 from leader.shards.png import encode_png
 from leader.shards.patches import (
@@ -162,14 +174,20 @@ def stored_boxes(boxes: list[Box], width: int, height: int, scale: float) -> tup
             return [], f"box {b.label!r} {coords} lies outside the {width}x{height} image"
         x0, y0 = max(b.x0, 0.0), max(b.y0, 0.0)
         x1, y1 = min(b.x1, float(width)), min(b.y1, float(height))
-        out.append({"label": b.label, "x0": round(x0 * scale, 3), "y0": round(y0 * scale, 3),
-                    "x1": round(x1 * scale, 3), "y1": round(y1 * scale, 3)})
+        stored = {"label": b.label, "x0": round(x0 * scale, 3), "y0": round(y0 * scale, 3),
+                  "x1": round(x1 * scale, 3), "y1": round(y1 * scale, 3)}
+        if b.source_label is not None:
+            stored["source_label"] = b.source_label
+        out.append(stored)
     return out, None
 
 
 def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected:
     index, rec, settings = job
     where = rec.path or rec.key
+    if rec.healthy and rec.boxes:
+        return Rejected(index, where, f"stated healthy but has {len(rec.boxes)} lesion box(es): the dataset "
+                        "contradicts itself", rec.key)
     try:
         img = rec.load()
     except Exception as e:  # any decoder failure is a reject, never a crash of the build
@@ -179,14 +197,20 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
         return Rejected(index, where, problem, rec.key)
     height, width = img.shape
     img = stretch_16bit(img)
+    try:
+        sx, sy = frame_scale(rec.frame, height, width)
+    except ValueError as e:
+        return Rejected(index, where, str(e), rec.key)
     scale = settings.size / max(height, width)
-    boxes, problem = stored_boxes(rec.boxes, width, height, scale)
+    boxes, problem = stored_boxes([scale_box(b, sx, sy) for b in rec.boxes], width, height, scale)
     if problem:
+        if (sx, sy) != (1.0, 1.0):
+            problem += f" (scaled from the {rec.frame[1]}x{rec.frame[0]} annotation frame)"
         return Rejected(index, where, problem, rec.key)
     landmarks = None
     if rec.landmarks is not None:
         landmarks = {}
-        for name, (x, y) in rec.landmarks.items():
+        for name, (x, y) in scale_points(rec.landmarks, sx, sy).items():
             # Contours drawn by a model may sit a pixel past the edge; further out is an error.
             if -1 <= x <= width + 1 and -1 <= y <= height + 1:
                 x, y = min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height))
@@ -212,6 +236,9 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
         "bits": 8 if stored.dtype == np.uint8 else 16,
         "labels": rec.labels,
         "source_labels": rec.source_labels,
+        "source_classes": rec.source_classes,
+        "healthy": bool(rec.healthy),
+        "frame": list(rec.frame) if rec.frame is not None else None,
         "boxes": boxes,
         "landmarks": landmarks,
         "patches": patches,
@@ -226,11 +253,6 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
 # Main process: order, patches, rows, shards, resume.
 
 
-def is_normal(meta: dict) -> bool:
-    labels = meta["labels"]
-    return not meta["boxes"] and bool(labels) and not any(v == 1 for k, v in labels.items() if k != "no_finding")
-
-
 class ShardBuilder:
     def __init__(self, settings: BuildSettings, out: Path, adapter):
         self.s = settings
@@ -243,6 +265,7 @@ class ShardBuilder:
         self.completed: list[dict] = []
         self.seen_keys: set[str] = set()
         self.landmark_names: list[str] = []
+        self.healthy_plan = HealthyPlan(settings.patch.healthy_ratio, settings.patch.healthy_max_per_image)
 
     # -- resume --------------------------------------------------------------------------
     def restore(self) -> None:
@@ -293,21 +316,20 @@ class ShardBuilder:
             for f in p.diseased_fractions:
                 self.histogram.add(f)
         row_start = self.next_row
-        keys, label_counts, splits, patch_counts = [], {}, {}, {}
+        keys, label_counts, splits, counts = [], {}, {}, {}
         buf = io.BytesIO()
         with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
             for p in samples:
                 meta = p.meta
                 h, w = meta["size"]
-                if self.adapter.has_boxes and is_normal(meta):
-                    meta["patches"] += healthy_patches(p.key, w, h, self.histogram, self.s.patch, self.s.seed)
+                if n_healthy := self.healthy_plan.patches_for(p.index):
+                    meta["patches"] += healthy_patches(p.key, w, h, self.histogram, self.s.patch, self.s.seed, n_healthy)
                 if meta["landmarks"] and meta["split"] in self.s.patch.landmark_splits:
-                    meta["patches"] += landmark_patches(meta["landmarks"], w, h, self.s.patch)
+                    meta["patches"] += landmark_patches(meta["landmarks"], w, h, self.s.patch, p.key, self.s.seed)
                     for lm in meta["landmarks"]:
                         if lm not in self.landmark_names:
                             self.landmark_names.append(lm)
-                for patch in meta["patches"]:
-                    patch_counts[patch["kind"]] = patch_counts.get(patch["kind"], 0) + 1
+                tally_sample(counts, meta)
                 n_items = 1 + len(meta["patches"])
                 meta["rows"] = [self.next_row, self.next_row + n_items]
                 self.next_row += n_items
@@ -333,7 +355,7 @@ class ShardBuilder:
             "histogram": self.histogram.to_list(),
             "label_counts": label_counts,
             "splits": splits,
-            "patch_counts": patch_counts,
+            "counts": tally_rejects(counts, rejects, self.healthy_plan),
             "landmark_names": list(self.landmark_names),
         }
         # The state is written after the tar: a state file always describes a complete shard.
@@ -345,6 +367,12 @@ class ShardBuilder:
         self.restore()
         adapter_rejects = RejectLog()
         root = Path(self.s.root) if self.s.root else None
+        if self.adapter.has_boxes:
+            # A first pass over the records (their own rejects are logged by the second) fixes how
+            # many healthy patches each healthy image gives before any shard is written.
+            self.healthy_plan = plan_healthy_patches(
+                self.adapter.records(root, RejectLog(), seed=self.s.seed, n=self.s.n),
+                self.s.patch.healthy_ratio, self.s.patch.healthy_max_per_image, self.s.seed)
         records = self.adapter.records(root, adapter_rejects, seed=self.s.seed, n=self.s.n)
         jobs = ((i, rec, self.s) for i, rec in enumerate(records) if i >= self.consumed)
         pending: list[Prepared] = []
@@ -410,20 +438,24 @@ class ShardBuilder:
             "".join(f"{k}\t{n}\n" for s in self.completed for k, n in s["keys"]),
         )
         label_counts: dict = {}
-        splits, patch_counts = {}, {}
+        splits, counts = {}, {}
         for s in self.completed:
-            for k, v in s["patch_counts"].items():
-                patch_counts[k] = patch_counts.get(k, 0) + v
+            merge_counts(counts, s["counts"])
             for label, c in s["label_counts"].items():
                 acc = label_counts.setdefault(label, {"pos": 0, "neg": 0, "unknown": 0})
                 for k in acc:
                     acc[k] += c[k]
             for k, v in s["splits"].items():
                 splits[k] = splits.get(k, 0) + v
+        tally_rejects(counts, tail_rejects, self.healthy_plan)
         label_names = list(self.adapter.label_names) or sorted(label_counts)
+        counts = counts_report(counts, self.healthy_plan, len(rejects))
+        dataset = self.s.name or self.s.dataset
+        notes = [*getattr(self.adapter, "notes", []),
+                 *shortfall_notes(counts, dataset, self.s.patch.healthy_max_per_image)]
         manifest = Manifest(
             root=self.out,
-            dataset=self.s.name or self.s.dataset,
+            dataset=dataset,
             label_names=label_names,
             landmark_names=list(self.landmark_names),
             has_boxes=bool(self.adapter.has_boxes),
@@ -437,7 +469,10 @@ class ShardBuilder:
             label_counts={k: label_counts[k] for k in label_names if k in label_counts},
             shards=[ShardEntry(s["name"], s["n_samples"], s["n_items"], tuple(s["rows"]), s["first_key"], s["last_key"], s["sha256"]) for s in self.completed],
             leader_version=leader.__version__,
-            extra={"patch_counts": patch_counts},
+            counts=counts,
+            source_class_names=list(getattr(self.adapter, "source_class_names", [])),
+            class_sets={name: c.to_dict() for name, c in getattr(self.adapter, "class_sets", {}).items()},
+            notes=notes,
         )
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_dict())
         shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -470,6 +505,8 @@ def build_shards(settings: BuildSettings, out: str | Path, workers: int = 1, ove
         found = dict(existing.build)
         found.pop("max_reject_fraction", None)
         found.setdefault("name", None)                  # manifests written before --name existed
+        # Manifests written before landmark jitter existed cut exactly the unjittered patches.
+        found["patch"] = {"landmark_jitter": 0.0, "landmark_scale": [1.0, 1.0], **found.get("patch", {})}
         if found == settings.content_dict():
             return existing
         raise LeaderError(f"{out} already holds a complete shard set built with other settings; pass --overwrite or choose another --out")

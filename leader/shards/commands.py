@@ -31,6 +31,10 @@ def build(
     seed: int = typer.Option(0, "--seed", help="Seed for patient-wise splits, healthy patches and the phantom."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N images (phantom: how many to generate)."),
     max_reject_fraction: float = typer.Option(0.01, "--max-reject-fraction", help="Fail the build when more inputs than this are rejected."),
+    healthy_ratio: float = typer.Option(1.0, "--healthy-ratio", help="Healthy patches per diseased patch in each split, "
+                                        "cut from images the dataset itself calls healthy (0: none)."),
+    healthy_max_per_image: int = typer.Option(4, "--healthy-max-per-image", help="When healthy images are too few for "
+                                              "the ratio, cut up to this many patches from one; the rest is a reported shortfall."),
     option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. --option bits=16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing shard set in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -38,7 +42,12 @@ def build(
     """Write a dataset as WebDataset shards with labels, boxes and patch boxes. Resumes when rerun."""
     from leader.progress import progress, rate_text
     from leader.shards.builder import BuildSettings, BuildStopped, build_shards
+    from leader.shards.patches import PatchPlan
 
+    if not healthy_ratio >= 0:
+        raise LeaderError(f"--healthy-ratio must be 0 or more, got {healthy_ratio}")
+    if healthy_max_per_image < 1:
+        raise LeaderError(f"--healthy-max-per-image must be at least 1, got {healthy_max_per_image}")
     settings = BuildSettings(
         dataset=dataset,
         root=str(root.resolve()) if root else None,
@@ -48,6 +57,7 @@ def build(
         seed=seed,
         n=n,
         max_reject_fraction=max_reject_fraction,
+        patch=PatchPlan(healthy_ratio=healthy_ratio, healthy_max_per_image=healthy_max_per_image),
         options=parse_key_values(option),
     )
     if root is not None and not root.exists():
@@ -79,17 +89,20 @@ def build(
 
 @app.command()
 def info(
-    shards_dir: Path = typer.Argument(..., help="A shard set (the folder holding manifest.json)."),
-    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    shards_dirs: list[Path] = typer.Argument(..., help="One or more shard sets (folders holding manifest.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output (a list for several sets)."),
 ):
-    """Samples, items, patches, shards, label counts, splits and rejects of a shard set."""
+    """Samples, items, patches, shards, label counts, splits and rejects of a shard set; for several
+    sets, one row per dataset: images, diseased and healthy patches, rejected inputs."""
     from leader.shards.manifest import Manifest
 
-    summary = summarize(Manifest.load(shards_dir))
+    summaries = [summarize(Manifest.load(d)) for d in shards_dirs]
     if as_json:
-        typer.echo(json.dumps(summary, indent=1))
+        typer.echo(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=1))
+    elif len(summaries) == 1:
+        print_summary(summaries[0])
     else:
-        print_summary(summary)
+        print_comparison(summaries)
 
 
 @app.command()
@@ -147,14 +160,24 @@ def summarize(manifest) -> dict:
             if line.strip():
                 # The reason's first clause names the kind of problem; details follow a colon.
                 reasons[json.loads(line)["reason"].split(":")[0][:80]] += 1
-    patch_counts = manifest.extra.get("patch_counts", {})
+    counts = manifest.counts
+    # Shard sets built before the counts existed kept only the patches per kind.
+    patch_kinds = ({kind: counts[f"{kind}_patches"] for kind in ("diseased", "healthy", "landmark") if counts[f"{kind}_patches"]}
+                   if counts else manifest.extra.get("patch_counts", {}))
     return {
         "path": str(manifest.root),
         "dataset": manifest.dataset,
         "samples": manifest.n_samples,
         "items": manifest.n_items,
-        "patches": sum(patch_counts.values()),
-        "patch_kinds": patch_counts,
+        "patches": sum(patch_kinds.values()),
+        "patch_kinds": patch_kinds,
+        "diseased_patches": patch_kinds.get("diseased", 0),
+        "healthy_patches": patch_kinds.get("healthy", 0),
+        "healthy_candidates": counts.get("healthy_candidates"),
+        "healthy_target": counts.get("healthy_target"),
+        "healthy_shortfall": counts.get("healthy_shortfall"),
+        "rejected_healthy_candidates": counts.get("rejected_healthy_candidates"),
+        "by_split": counts.get("by_split", {}),
         "shards": len(manifest.shards),
         "splits": manifest.splits,
         "labels": manifest.label_counts,
@@ -163,6 +186,8 @@ def summarize(manifest) -> dict:
         "reject_reasons": dict(reasons.most_common()),
         "size": manifest.build.get("size"),
         "overlap_note": manifest.overlap_note,
+        "class_sets": {name: c["names"] for name, c in manifest.class_sets.items()},
+        "notes": manifest.notes,
     }
 
 
@@ -185,5 +210,27 @@ def print_summary(summary: dict) -> None:
         console.print(table)
     for reason, count in summary["reject_reasons"].items():
         console.print(f"  rejected {count}: {reason}")
+    if summary["healthy_target"] is not None and (summary["healthy_target"] or summary["healthy_candidates"]):
+        console.print(f"healthy patches: {summary['healthy_patches']} of the target {summary['healthy_target']} "
+                      f"(shortfall {summary['healthy_shortfall']}), from {summary['healthy_candidates']} images the "
+                      f"dataset calls healthy ({summary['rejected_healthy_candidates']} more rejected)")
     if summary.get("overlap_note"):
         console.print(f"[yellow]overlap:[/] {summary['overlap_note']}")
+    for note in summary["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def print_comparison(summaries: list[dict]) -> None:
+    """One row per shard set: the counts to hold against a paper's dataset table."""
+    from rich.table import Table
+
+    from leader.progress import console
+
+    table = Table("dataset", "images", "diseased patches", "healthy patches", "healthy candidates", "rejected")
+    for s in summaries:
+        table.add_row(s["dataset"], str(s["samples"]), str(s["diseased_patches"]), str(s["healthy_patches"]),
+                      "" if s["healthy_candidates"] is None else str(s["healthy_candidates"]), str(s["rejects"]))
+    console.print(table)
+    for s in summaries:
+        for note in s["notes"]:
+            console.print(f"[yellow]note:[/] {note}")

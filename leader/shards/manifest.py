@@ -65,6 +65,12 @@ class Manifest:
     shards: list[ShardEntry]
     leader_version: str = ""
     extra: dict = field(default_factory=dict)
+    # Achieved counts: images, diseased/healthy/landmark patches, healthy candidates, rejects, per
+    # split and in total, with the healthy target and shortfall (leader.shards.balance).
+    counts: dict = field(default_factory=dict)
+    source_class_names: list[str] = field(default_factory=list)   # the dataset's own class names
+    class_sets: dict[str, dict] = field(default_factory=dict)     # e.g. "paper" (leader.shards.class_sets)
+    notes: list[str] = field(default_factory=list)                # what the build wants the user to know
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
@@ -105,6 +111,10 @@ class Manifest:
             shards=[ShardEntry.from_dict(s) for s in d["shards"]],
             leader_version=d.get("leader_version", ""),
             extra=d.get("extra", {}),
+            counts=d.get("counts", {}),
+            source_class_names=list(d.get("source_class_names") or []),
+            class_sets=d.get("class_sets") or {},
+            notes=list(d.get("notes") or []),
         )
 
     def to_dict(self) -> dict:
@@ -125,6 +135,10 @@ class Manifest:
             "label_counts": self.label_counts,
             "shards": [s.to_dict() for s in self.shards],
             "keys_file": KEYS_NAME,
+            "counts": self.counts,
+            "source_class_names": self.source_class_names,
+            "class_sets": self.class_sets,
+            "notes": self.notes,
             "extra": self.extra,
         }
 

@@ -16,13 +16,20 @@ import numpy as np
 class PatchPlan:
     margin: float = 0.25          # context around a lesion box, as a fraction of its side, per side
     min_side: float = 0.08        # smallest patch, as a fraction of the image's long side
-    healthy_per_image: int = 1    # healthy patches cut from each normal image
+    healthy_ratio: float = 1.0    # healthy patches per diseased patch, in each split (leader.shards.balance)
+    healthy_max_per_image: int = 4    # when healthy images are few, at most this many patches from one
     landmark_side: float = 224 / 1024   # 224 px of a 1024 px radiograph, whatever the stored size
     landmark_splits: tuple[str, ...] = ("val", "test")
+    # A harder anatomy test: each landmark patch's centre moves by up to this fraction of its side
+    # (in x and y) and its side is scaled within landmark_scale, seeded per sample and landmark, so
+    # that naming the landmark takes knowing where the patch lies, not matching one fixed crop.
+    landmark_jitter: float = 0.0
+    landmark_scale: tuple[float, float] = (1.0, 1.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["landmark_splits"] = list(self.landmark_splits)
+        d["landmark_scale"] = list(self.landmark_scale)
         return d
 
 
@@ -41,16 +48,25 @@ def diseased_patches(boxes: list[dict], width: int, height: int, plan: PatchPlan
         w, h = b["x1"] - b["x0"], b["y1"] - b["y0"]
         side = max(max(w, h) * (1 + 2 * plan.margin), plan.min_side * long_side)
         cx, cy = (b["x0"] + b["x1"]) / 2, (b["y0"] + b["y1"]) / 2
-        patches.append({"box": fit_square(cx, cy, side, width, height), "kind": "diseased", "label": b["label"]})
+        patch = {"box": fit_square(cx, cy, side, width, height), "kind": "diseased", "label": b["label"]}
+        if "source_label" in b:
+            patch["source_label"] = b["source_label"]
+        patches.append(patch)
     return patches
 
 
-def landmark_patches(landmarks: dict[str, list[float]], width: int, height: int, plan: PatchPlan) -> list[dict]:
+def landmark_patches(landmarks: dict[str, list[float]], width: int, height: int, plan: PatchPlan,
+                     key: str = "", seed: int = 0) -> list[dict]:
     side = plan.landmark_side * max(width, height)
-    return [
-        {"box": fit_square(x, y, side, width, height), "kind": "landmark", "label": name}
-        for name, (x, y) in landmarks.items()
-    ]
+    patches = []
+    for name, (x, y) in landmarks.items():
+        s, cx, cy = side, x, y
+        if plan.landmark_jitter or plan.landmark_scale != (1.0, 1.0):
+            rng = sample_rng(seed, f"{key}#{name}", "landmark")
+            s = side * rng.uniform(*plan.landmark_scale)
+            cx, cy = x + s * plan.landmark_jitter * rng.uniform(-1, 1), y + s * plan.landmark_jitter * rng.uniform(-1, 1)
+        patches.append({"box": fit_square(cx, cy, s, width, height), "kind": "landmark", "label": name})
+    return patches
 
 
 class PatchSizeHistogram:
@@ -86,11 +102,13 @@ def sample_rng(seed: int, key: str, purpose: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def healthy_patches(key: str, width: int, height: int, sizes: PatchSizeHistogram, plan: PatchPlan, seed: int) -> list[dict]:
+def healthy_patches(key: str, width: int, height: int, sizes: PatchSizeHistogram, plan: PatchPlan, seed: int,
+                    count: int) -> list[dict]:
+    """`count` random squares of a healthy image (how many: leader.shards.balance)."""
     rng = sample_rng(seed, key, "healthy")
     long_side = max(width, height)
     patches = []
-    for _ in range(plan.healthy_per_image):
+    for _ in range(count):
         side = max(sizes.sample(rng), plan.min_side) * long_side
         cx = rng.uniform(side / 2, max(width - side / 2, side / 2))
         cy = rng.uniform(side / 2, max(height - side / 2, side / 2))

@@ -1,17 +1,20 @@
 """What a dataset adapter hands the shard builder: one `SourceRecord` per image.
 
-Coordinates in records are in the ORIGINAL image's pixels; the builder converts them to the stored
-image's pixels. Labels use the shared vocabulary, with 1, 0, or None for unknown/uncertain.
+Coordinates in records are in the pixels of the record's annotation `frame`: the image size the
+dataset's annotations were drawn on (NIH's boxes: 1024 x 1024), or, when the frame is None, the
+file as read. The builder scales them to the file actually read, then to the stored image. Labels
+use the shared vocabulary, with 1, 0, or None for unknown/uncertain.
+
+`healthy` is the dataset's own positive statement that the image is normal (NIH "No Finding",
+TBX11K's health class, ...); only such images give healthy patches. No finding found, or a
+finding the vocabulary does not know, is not that statement.
 """
 from __future__ import annotations
 
-import json
-import math
 import re
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable
 
 import numpy as np
 
@@ -23,20 +26,12 @@ class Box:
     y0: float
     x1: float
     y1: float
+    # The dataset's own class name where the vocabulary renames or merges it (VinDr "Nodule/Mass",
+    # ChestX-Det "Diffuse Nodule"), so that evaluation can score the dataset's own classes.
+    source_label: str | None = None
 
     def as_list(self) -> list[float]:
         return [self.x0, self.y0, self.x1, self.y1]
-
-    def problem(self, width: int, height: int) -> str | None:
-        """Why this box cannot be used on a width x height image, or None if it is fine."""
-        coords = self.as_list()
-        if not all(math.isfinite(c) for c in coords):
-            return f"box {self.label!r} has a non-finite coordinate {coords}"
-        if self.x1 <= self.x0 or self.y1 <= self.y0:
-            return f"box {self.label!r} is inverted or empty {coords}"
-        if self.x0 < -0.5 or self.y0 < -0.5 or self.x1 > width + 0.5 or self.y1 > height + 0.5:
-            return f"box {self.label!r} {coords} lies outside the {width}x{height} image"
-        return None
 
 
 @dataclass
@@ -53,6 +48,9 @@ class SourceRecord:
     landmarks: dict[str, tuple[float, float]] | None = None
     view: str | None = None
     extra: dict = field(default_factory=dict)
+    healthy: bool = False
+    frame: tuple[int, int] | None = None                  # (height, width) the annotations are given in
+    source_classes: dict[str, int | None] | None = None   # the dataset's own class names, coded as labels
 
     @property
     def key(self) -> str:
@@ -95,20 +93,3 @@ class RejectLog:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def write_jsonl(self, path: Path) -> None:
-        from leader.io import atomic_write_text
-
-        atomic_write_text(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.entries))
-
-
-class DatasetAdapter(Protocol):
-    name: str
-    label_names: list[str]
-    has_boxes: bool
-    has_landmarks: bool
-    overlap_note: str | None
-
-    def records(
-        self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None
-    ) -> Iterator[SourceRecord]: ...

@@ -10,7 +10,9 @@ follows from it), the random states of every rank, the resolved config, the teac
 the cache's patch size, what the run was trained on, and the weight average if the run keeps one.
 It is written to a temporary file and renamed, so a kill leaves the previous checkpoint intact, and
 read with `torch.load(weights_only=True)`: only tensors and plain containers, nothing that executes
-on load.
+on load. `RUN/checkpoint.pt.sha256` records its digest (leader/checksums.py); every load (--resume,
+embed, export, evaluation) checks the bytes against it first, so a damaged checkpoint is refused by
+name instead of resuming from slightly wrong weights.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leader.checksums import read_verified, replace_with_sidecar
 from leader.errors import LeaderError
 from leader.io import atomic_write_bytes
 from leader.precompute.teachers.checkpoints import load_error_reason
@@ -118,12 +121,12 @@ def save_checkpoint(run_dir: str | Path, payload: dict) -> Path:
     # "unexpected pos" error, while atomic_write_bytes names the file and says the old one is intact.
     buf = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buf)
-    atomic_write_bytes(path, buf.getbuffer())
+    replace_with_sidecar(path, buf.getbuffer(), atomic_write_bytes)
     return path
 
 
 def remove_interrupted_saves(run_dir: str | Path) -> None:
-    """Temporary files left by a save that was killed (each as large as a checkpoint)."""
+    """Temporary files left by a save that was killed (each as large as a checkpoint), and by its sidecar."""
     for tmp in Path(run_dir).glob(f".{CHECKPOINT_NAME}.*.tmp"):
         tmp.unlink(missing_ok=True)
 
@@ -139,8 +142,9 @@ def checkpoint_path(run: str | Path) -> Path:
 
 def load_checkpoint(run: str | Path) -> dict:
     path = checkpoint_path(run)
+    data = read_verified(path, "checkpoint")       # read once: checked, then unpickled from memory
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: name it rather than show the unpickler
         raise LeaderError(f"checkpoint {path} cannot be read: {load_error_reason(e)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from leader.errors import LeaderError
-from leader.io import atomic_write_text
+from leader.io import atomic_write_text, read_yaml_mapping
 from leader.network_input import IMAGENET_MEAN, IMAGENET_STD
 from leader.runtime import split_key_value
 
@@ -51,6 +51,7 @@ class DataConfig:
     num_workers: int = 4
     shuffle_buffer: int = 2000                    # training tuples held for shuffling, per worker
     online_augment: bool = True                   # audit-approved augmentations where only view 0 is cached
+    skip_damaged_shards: bool = False             # a shard unlike its manifest's sha256: skip it (logged), not stop
 
 
 @dataclass
@@ -157,17 +158,7 @@ def config_from_dict(d: dict, where: str = "config") -> TrainConfig:
 def load_config(path: str | Path | None = None, overrides: list[str] = (), *,
                 shards: list[str] | None = None, caches: list[str] | None = None) -> TrainConfig:
     """Read a YAML config, apply `key=value` overrides, then command-line shards/caches."""
-    d: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LeaderError(f"config file {path} not found")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LeaderError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(d, dict):
-            raise LeaderError(f"config file {path} must hold a mapping at the top level")
+    d = read_yaml_mapping(path, "config file") if path is not None else {}
     d = _merged(_plain(dataclasses.asdict(TrainConfig())), d)
     for item in overrides:
         apply_override(d, item)

@@ -89,7 +89,7 @@ def embed_items(run_dir: str | Path, shards_dir: str | Path, rows: Sequence[int]
 
     for s in shards:
         entry = manifest.shards[s]
-        for sample in iter_shard(manifest.path(entry.name)):
+        for sample in iter_shard(manifest.path(entry.name), entry.sha256):
             a, b = sample.meta["rows"]
             needed = [r for r in range(a, b) if r in wanted]
             if not needed:

@@ -4,6 +4,8 @@
     DIR/config.json         timm's hub config: architecture, num_classes 0, model_args, pretrained_cfg
     DIR/heads.safetensors   the heads ("<teacher>.<layer>...") and target normalisation statistics
     DIR/heads.json          teacher -> dimension, hidden width, target normalisation
+    DIR/SHA256SUMS          the four files' sha256 (`sha256sum -c SHA256SUMS`); leader checks it
+                            wherever it reads them (load_heads, a timm teacher or fine-tuning source)
 
 Loading the backbone needs nothing of leader:
 
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 import leader
+from leader.checksums import SUMS_NAME, verify_listed, write_sums
 from leader.io import atomic_write_bytes, atomic_write_json
 from leader.train.checkpoint import Checkpoint
 from leader.train.config import config_from_dict
@@ -60,13 +63,16 @@ def export_run(run: str | Path, out: str | Path) -> list[Path]:
                    "target_norm": cfg.target_norm, "patch_size": checkpoint.patch_size},
     }
     files = [out / "model.safetensors", out / "config.json", out / "heads.safetensors", out / "heads.json"]
+    # The sums go first and come back last: an interrupted re-export leaves none that could vouch
+    # for a mix of old and new files.
+    (out / SUMS_NAME).unlink(missing_ok=True)
     atomic_write_bytes(files[0], safetensors_bytes(_contiguous(backbone), metadata={"format": "pt"}))
     atomic_write_json(files[1], timm_config)
     atomic_write_bytes(files[2], safetensors_bytes(_contiguous(heads), metadata={"format": "pt"}))
     atomic_write_json(files[3], {"teachers": checkpoint.head_dims, "hidden": cfg.model.head_hidden,
                                  "in_features": timm_config["num_features"], "target_norm": cfg.target_norm,
                                  "head": cfg.model.head, "layout": HEAD_LAYOUTS[cfg.model.head]})
-    return files
+    return files + [write_sums(out, [f.name for f in files])]
 
 
 HEAD_LAYOUTS = {
@@ -88,4 +94,6 @@ def load_heads(export_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors.torch import load_file
 
     export_dir = Path(export_dir)
+    for name in ("heads.json", "heads.safetensors"):
+        verify_listed(export_dir / name, "export file")
     return json.loads((export_dir / "heads.json").read_text()), load_file(export_dir / "heads.safetensors")

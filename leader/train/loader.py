@@ -1,13 +1,13 @@
 """The training stream: shards + cached targets -> fixed-size uint8/uint16 batches, as named stages.
 
-    stream = StreamSpec.for_phase(sources, phase, cfg, world_size=1)
-    for batch in phase_batches(stream, start_batch=0, rank=0, world_size=1, num_workers=4):
+    spec = StreamSpec.for_phase(sources, phase, cfg, world_size=1)        # workers: cfg.data.num_workers
+    for epoch, batch in phase_batches(spec, start_batch=0, rank=0, world_size=1):
         ...     # batch["image"] (B, 1, S, S) uint8|uint16, batch["targets"]["disease"] (B, D), ...
 
 The pipeline of one (rank, DataLoader worker) reads top to bottom:
 
     shard list              the epoch's shards for this rank and worker, cycled until the quota is met
-    tar to samples          WebDataset's tar expander and key grouping, one shard at a time
+    tar to samples          the one shard reader, one shard at a time, each checked against its manifest sha256
     join cache blocks       one read per shard per teacher; item keys asserted against the samples
     expand to tuples        images: (image, view, targets); pairs: (image, patch, views, targets of both)
     shuffle                 a seeded buffer
@@ -36,7 +36,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from leader.errors import LeaderError
-from leader.shards.layout import Sample, item_key, iter_shard
+from leader.shards.layout import DamagedShard, Sample, item_key, iter_shard
 from leader.shards.png import decode_png
 from leader.train.config import PhaseConfig, TrainConfig
 from leader.train.sources import ShardSource, TrainingSources
@@ -65,6 +65,7 @@ class StreamSpec:
     batches_per_epoch: int             # per rank, a multiple of grad_accum
     units: int                         # world_size x workers: the streams an epoch is split into
     num_workers: int
+    skip_damaged_shards: bool = False  # a damaged shard is skipped (and logged) instead of stopping the run
 
     @classmethod
     def for_phase(cls, sources: TrainingSources, phase: PhaseConfig, cfg: TrainConfig, world_size: int) -> "StreamSpec":
@@ -85,6 +86,7 @@ class StreamSpec:
             view_specs=tuple(s.cache.view_spec.to_dict() for s in sets), view_seeds=tuple(s.cache.seed for s in sets),
             canvas=plan.canvas, batch_size=batch, shuffle_buffer=int(cfg.data.shuffle_buffer), batches_per_epoch=batches,
             units=units, num_workers=int(cfg.data.num_workers),
+            skip_damaged_shards=bool(cfg.data.skip_damaged_shards),
         )
 
     @property
@@ -154,10 +156,33 @@ def shard_list(shards: list[ShardSource]) -> Iterator[ShardSource]:
     return itertools.cycle(shards)
 
 
-def tar_to_samples(shards: Iterator[ShardSource]) -> Iterator[tuple[ShardSource, Iterator[Sample]]]:
-    """Each shard with its samples, read by the one shard reader (a damaged tar names the shard)."""
-    for shard in shards:
-        yield shard, iter_shard(shard.url)
+def tar_to_samples(skip_damaged: bool = False):
+    """Each shard with its samples, read by the one shard reader. A shard whose bytes differ from
+    its manifest's sha256 yields no sample: it stops the run naming it, or, with skip_damaged, is
+    left out (logged with a count) and the stream's other shards fill its quota."""
+    skipped: set[str] = set()
+
+    def read(shards: Iterator[ShardSource]) -> Iterator[tuple[ShardSource, Iterator[Sample]]]:
+        since_a_good_one = 0
+        for shard in shards:
+            samples = iter_shard(shard.url, shard.sha256)
+            if skip_damaged:
+                try:
+                    samples = iter(list(samples))      # held back until checked in any case
+                except DamagedShard as e:
+                    if shard.url not in skipped:
+                        skipped.add(shard.url)
+                        log.warning("skipping a damaged shard (data.skip_damaged_shards), %d so far in this "
+                                    "stream: %s", len(skipped), e)
+                    since_a_good_one += 1
+                    if since_a_good_one > len(skipped):      # a whole cycle of the stream's shards
+                        raise LeaderError(f"every shard of this stream is damaged ({len(skipped)} skipped, e.g. "
+                                          f"{shard.url}); nothing is left to train on") from None
+                    continue
+            since_a_good_one = 0
+            yield shard, samples
+
+    return read
 
 
 @dataclass
@@ -334,7 +359,7 @@ class PhaseEpoch(IterableDataset):
         shards = assign_shards(spec, self.epoch)[unit]
         return [
             lambda: shard_list(shards),
-            tar_to_samples,
+            tar_to_samples(spec.skip_damaged_shards),
             JoinCacheBlocks(spec, self.epoch),
             expand_to_tuples(spec),
             wds.shuffle(buffer, initial=buffer, seed=_hash64("shuffle", spec.seed, self.epoch, unit)),
@@ -345,7 +370,21 @@ class PhaseEpoch(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        return iter(wds.DataPipeline(*self.stages(info.id if info is not None else 0)))
+        batches = iter(wds.DataPipeline(*self.stages(info.id if info is not None else 0)))
+        return batches if info is None else _errors_as_items(batches)
+
+
+WORKER_ERROR = "leader_error"
+
+
+def _errors_as_items(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a DataLoader worker: a LeaderError travels to the training process as an item and is
+    raised there as the same one line (torch would re-raise it with the worker's traceback inside
+    its message, a wall of text where the user needs the damaged file's name)."""
+    try:
+        yield from batches
+    except LeaderError as e:
+        yield {WORKER_ERROR: str(e)}
 
 
 def phase_batches(spec: StreamSpec, start_batch: int, rank: int, world_size: int,
@@ -356,5 +395,7 @@ def phase_batches(spec: StreamSpec, start_batch: int, rank: int, world_size: int
         loader = DataLoader(PhaseEpoch(spec, epoch, rank, world_size, offset), batch_size=None,
                             num_workers=spec.num_workers, pin_memory=pin_memory)
         for batch in loader:
+            if WORKER_ERROR in batch:
+                raise LeaderError(batch[WORKER_ERROR])
             yield epoch, batch
         epoch, offset = epoch + 1, 0

@@ -35,6 +35,7 @@ class ShardSource:
     rows: tuple[int, int]
     n_samples: int
     n_tuples: int                     # training tuples this shard yields for the phase
+    sha256: str | None = None         # the manifest's digest: the loader checks the shard against it
 
 
 @dataclass
@@ -136,7 +137,8 @@ class TrainingSources:
                 a, b = entry.rows
                 n = int(use[a:b].sum())
                 if n:
-                    out.append(ShardSource(i, s.dataset, str(s.manifest.path(entry.name)), j, (a, b), entry.n_samples, n))
+                    out.append(ShardSource(i, s.dataset, str(s.manifest.path(entry.name)), j, (a, b), entry.n_samples, n,
+                                           entry.sha256))
         if not out:
             what = "whole images" if phase.stream == "images" else "diseased or healthy patches"
             raise LeaderError(f"phase {phase.name!r} has nothing to train on: no {what} in split(s) {splits} "

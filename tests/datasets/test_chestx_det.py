@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import HARMONISED, SOURCE, ClassSelection, select_classes
 from leader.shards.datasets import create_dataset
 
 from .fixtures_files import build_with_cli, check_record, collect, radiograph, reject_reasons, write_json, write_png
@@ -16,23 +17,24 @@ def entry(name, syms=(), boxes=()):
 @pytest.fixture()
 def chestx_det_root(tmp_path):
     root = tmp_path / "ChestX-Det"
+    # Boxes on the released 1024 px images; the fixture's files are 64 px copies.
     train = [
-        entry("100.png", ["Nodule", "Effusion"], [[10, 12, 30, 28], [40, 50, 90, 80]]),
+        entry("100.png", ["Nodule", "Effusion"], [[160, 192, 480, 448], [640, 800, 960, 960]]),
         entry("101.png"),
-        entry("102.png", ["Diffuse Nodule"], [[5, 5, 60, 60]]),
-        entry("103.png", ["Mass", "Mass"], [[1, 1, 9, 9]]),           # syms and boxes disagree
-        entry("104.png", ["Lung Worm"], [[1, 1, 9, 9]]),              # unknown class
-        entry("105.png", ["Mass"], [["a", 1, 9, 9]]),                 # unparseable number
-        entry("100.png"),                                             # repeated file name
+        entry("102.png", ["Diffuse Nodule"], [[80, 80, 960, 960]]),
+        entry("103.png", ["Mass", "Mass"], [[16, 16, 144, 144]]),       # syms and boxes disagree
+        entry("104.png", ["Lung Worm"], [[16, 16, 144, 144]]),          # unknown class
+        entry("105.png", ["Mass"], [["a", 16, 144, 144]]),              # unparseable number
+        entry("100.png"),                                               # repeated file name
     ]
-    test = [entry("200.png", ["Mass", "Cardiomegaly"], [[20, 20, 50, 50], [30, 40, 70, 80]]), entry("201.png")]
+    test = [entry("200.png", ["Mass", "Cardiomegaly"], [[320, 320, 800, 800], [480, 640, 960, 960]]), entry("201.png")]
     write_json(root / "ChestX_Det_train.json", train)
     write_json(root / "ChestX_Det_test.json", test)
     # The train zip unpacked into a nested folder, the test zip flat: both layouts are accepted.
     for i, name in enumerate(["100", "101", "102", "103", "104", "105"]):
-        write_png(root / "train_data" / "train" / f"{name}.png", radiograph(96, seed=i))
+        write_png(root / "train_data" / "train" / f"{name}.png", radiograph(64, seed=i))
     for i, name in enumerate(["200", "201"]):
-        write_png(root / "test" / f"{name}.png", radiograph(96, seed=10 + i))
+        write_png(root / "test" / f"{name}.png", radiograph(64, seed=10 + i))
     return root
 
 
@@ -49,12 +51,19 @@ def test_records_labels_boxes_and_official_split(chestx_det_root):
     assert first.path == "train_data/train/100.png"
     assert first.labels["nodule"] == 1 and first.labels["effusion"] == 1
     assert first.labels["mass"] == 0 and first.labels["no_finding"] == 0
-    assert [(b.label, b.as_list()) for b in first.boxes] == [("nodule", [10, 12, 30, 28]), ("effusion", [40, 50, 90, 80])]
+    assert [(b.label, b.source_label, b.as_list()) for b in first.boxes] == [
+        ("nodule", "Nodule", [160, 192, 480, 448]), ("effusion", "Effusion", [640, 800, 960, 960])]
+    assert first.frame == (1024, 1024)
     assert first.split in ("train", "val")
-    assert first.load().shape == (96, 96)
+    assert first.load().shape == (64, 64)
 
     assert records["101"].labels["no_finding"] == 1 and sum(records["101"].labels.values()) == 1
     assert records["102"].labels["nodule"] == 1 and records["102"].source_labels == {"syms": ["Diffuse Nodule"]}
+    # The vocabulary merges the two nodule classes; the dataset's own names keep them apart.
+    assert records["102"].source_classes["Diffuse Nodule"] == 1 and records["102"].source_classes["Nodule"] == 0
+    assert first.source_classes["Nodule"] == 1 and len(first.source_classes) == 13
+    # An entry listing no finding at all is ChestX-Det's normal image.
+    assert {i for i, r in records.items() if r.healthy} == {"101", "201"}
     assert records["200"].split == "test" and records["200"].path == "test/200.png"
     assert set(records["200"].labels) == set(adapter.label_names) and len(adapter.label_names) == 13
 
@@ -100,7 +109,32 @@ def test_cli_build(chestx_det_root, tmp_path):
     assert manifest.overlap_note.startswith("ChestX-Det images are a subset of NIH")
     stored = samples["200"].meta
     assert stored["split"] == "test"
-    assert stored["boxes"][0] == {"label": "mass", "x0": 13.333, "y0": 13.333, "x1": 33.333, "y1": 33.333}
+    assert stored["boxes"][0] == {"label": "mass", "x0": 20.0, "y0": 20.0, "x1": 50.0, "y1": 50.0, "source_label": "Mass"}
     assert [p["kind"] for p in stored["patches"]] == ["diseased", "diseased"]
-    assert [p["kind"] for p in samples["101"].meta["patches"]] == ["healthy"]
+    # Test has 2 boxes and one normal image: it gives both healthy patches (up to 4 per image).
+    assert [p["kind"] for p in samples["201"].meta["patches"]] == ["healthy", "healthy"]
+    assert manifest.class_sets["paper"] == {"names": manifest.source_class_names, "labels": "source",
+                                            "about": "ChestX-Det's 13 classes"}
     assert len(rejects) == 4
+
+
+def test_class_selection_reads_chestx_dets_own_13_classes(chestx_det_root, tmp_path):
+    samples, manifest, _ = build_with_cli("chestx-det", chestx_det_root, tmp_path / "out", "--max-reject-fraction", "1")
+    # The paper's 13 classes are ChestX-Det's own: the vocabulary has 12 (both nodule classes are `nodule`).
+    paper = select_classes(manifest, "paper")
+    assert (paper.labels, len(paper.names), paper.preset) == (SOURCE, 13, "paper")
+    assert len(manifest.label_names) == 13 and "no_finding" in manifest.label_names
+    # An evaluation reads them from source_classes (images) and source_label (lesion patches).
+    stored = samples["102"].meta
+    assert stored["source_classes"]["Diffuse Nodule"] == 1 and stored["labels"]["nodule"] == 1
+    assert [p.get("source_label") for p in stored["patches"] if p["kind"] == "diseased"] == ["Diffuse Nodule"]
+    # Explicit lists are of one kind, harmonised or the dataset's own.
+    assert select_classes(manifest, "Nodule,Diffuse Nodule") == ClassSelection(["Nodule", "Diffuse Nodule"], SOURCE)
+    assert select_classes(manifest, ["nodule", "mass"]) == ClassSelection(["nodule", "mass"], HARMONISED)
+    assert select_classes(manifest, "all").names == manifest.label_names
+    with pytest.raises(LeaderError, match="mixes harmonised and the dataset's own class names"):
+        select_classes(manifest, "nodule,Mass")
+    with pytest.raises(LeaderError, match=r"unknown class\(es\) \['Hernia'\]"):
+        select_classes(manifest, ["Nodule", "Hernia"])
+    with pytest.raises(LeaderError, match="no class set or class 'chexpert5'; class sets: all, paper"):
+        select_classes(manifest, "chexpert5")

@@ -5,7 +5,7 @@ import pytest
 
 from leader.errors import LeaderError
 from leader.shards.datasets import create_dataset
-from leader.shards.datasets.chexpert import OBSERVATIONS_TO_VOCABULARY
+from leader.shards.datasets.chexpert import OBSERVATIONS_TO_VOCABULARY, states_no_finding
 from leader.shards.records import RejectLog
 
 from .fixtures_dicom import build_with_cli, corrupt, phantom, reasons, write_csv, write_jpeg
@@ -73,6 +73,19 @@ def test_uncertain_and_blank_are_unknown_never_negative(tmp_path):
     assert bad["train/patient00003/study2/view1_frontal.jpg"].startswith("unexpected label value: 'Edema' = '2.0'")
     assert bad["train/patient00004/study1/view1_frontal.jpg"] == "image file not found under --root"
     assert len(rejects) == 2
+
+
+def test_healthy_needs_no_finding_and_no_positive_or_uncertain_finding(tmp_path):
+    root = write_chexpert(tmp_path / "chexpert")
+    records = {r.image_id: r for r in create_dataset("chexpert").records(root, RejectLog(), seed=0, n=None)}
+    assert {i for i, r in records.items() if r.healthy} == {"train/patient00002/study1/view1_frontal.jpg"}
+    blank = {name: "" for name in OBSERVATIONS_TO_VOCABULARY}
+    assert states_no_finding({**blank, "No Finding": "1.0", "Support Devices": "1.0"})  # a device is no finding
+    assert not states_no_finding({**blank, "No Finding": "1.0", "Edema": "-1.0"})      # uncertain
+    assert not states_no_finding({**blank, "No Finding": "1.0", "Fracture": "1.0"})
+    assert not states_no_finding({**blank, "No Finding": ""})                          # not mentioned
+    assert create_dataset("chexpert").class_sets["paper"].names == (
+        "atelectasis", "cardiomegaly", "consolidation", "edema", "effusion")
 
 
 def test_laterals_only_when_asked(tmp_path):

@@ -55,6 +55,7 @@ def test_cxr4_records_labels_and_overlap_flags(covidx4_root):
     assert records["t1"].extra["also_in"] == ["rsna", "nih14"] and records["t1"].split == "test"
     assert records["v1"].split == "val"  # the release's own val list
     assert records["img with space"].path == "train/img with space.png"
+    assert not any(r.healthy for r in records.values())  # "negative" pools normal and pneumonia
     assert records["t1"].load().shape == (72, 72)
 
     reasons = reject_reasons(rejects)
@@ -74,6 +75,7 @@ def test_older_three_class_release_without_val_list(tmp_path):
     assert records["n1"].labels == {"covid19": 0, "pneumonia": 1, "no_finding": 0}
     assert records["n2"].labels == {"covid19": 0, "pneumonia": 0, "no_finding": 1}
     assert records["n0"].source_labels == {"label": "COVID-19"}
+    assert records["n2"].healthy and not records["n1"].healthy and not records["n0"].healthy
     train_splits = {r.split for r in records.values() if r.extra["official_split"] == "train"}
     assert train_splits == {"train", "val"}  # val carved patient-wise from train
 

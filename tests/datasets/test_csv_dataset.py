@@ -37,7 +37,7 @@ def user_root(tmp_path):
     nodule = json.dumps([{"label": "Nodule", "x0": 10, "y0": 12, "x1": 30, "y1": 28}])
     rows = [
         ["scans/a b/img 1.png", "Nodule|Pleural Effusion", "P1", "train", nodule, "north"],
-        ["scans/été/img2.png", "", "P1", "", "", "north"],
+        ["scans/été/img2.png", "No Finding", "P1", "", "", "north"],
         ["scans/img3.png", "My Rare Sign", "", "test", "", "south"],
         [str(root / "scans" / "img4.png"), "covid-19", "P4", "val", "", "south"],
         ["scans/img5.png", "Nodule", "P5", "train", "[{broken", "south"],     # bad JSON
@@ -69,9 +69,10 @@ def test_rows_become_records_with_harmonised_labels(user_root):
     assert first.boxes[0].label == "nodule" and first.boxes[0].as_list() == [10, 12, 30, 28]
     assert (first.patient_id, first.split) == ("P1", "train")
 
-    empty = records["scans/été/img2"]
-    assert empty.labels["no_finding"] == 1 and sum(empty.labels.values()) == 1
-    assert empty.split in ("train", "val", "test")  # patient-wise: derived from P1
+    normal = records["scans/été/img2"]
+    assert normal.labels["no_finding"] == 1 and sum(normal.labels.values()) == 1
+    assert normal.split in ("train", "val", "test")  # patient-wise: derived from P1
+    assert {i for i, r in records.items() if r.healthy} == {"scans/été/img2"}  # "No Finding", written out
 
     rare = records["scans/img3"]
     assert rare.patient_id == "scans/img3"  # no patient id -> the image id
@@ -172,9 +173,13 @@ def test_cli_build(user_root, tmp_path):
     assert manifest.label_names == ["no_finding", "effusion", "nodule", "covid19", "My Rare Sign"]
     first = samples["scans/a b/img 1"]
     assert first.meta["key"] == sample_key("csv", "scans/a b/img 1")
-    assert first.meta["boxes"] == [{"label": "nodule", "x0": 10.0, "y0": 12.0, "x1": 30.0, "y1": 28.0}]
+    assert first.meta["boxes"] == [{"label": "nodule", "x0": 10.0, "y0": 12.0, "x1": 30.0, "y1": 28.0,
+                                    "source_label": "Nodule"}]
     assert [p["kind"] for p in first.meta["patches"]] == ["diseased"]
-    assert [p["kind"] for p in samples["scans/été/img2"].meta["patches"]] == ["healthy"]  # a normal image
+    # The normal image lies in the test split (its patient's), the nodule in train: healthy patches
+    # balance each split, so train's is a shortfall and test, without boxes, needs none.
+    assert samples["scans/été/img2"].meta["split"] == "test" and samples["scans/été/img2"].meta["patches"] == []
+    assert manifest.counts["by_split"]["train"]["healthy_shortfall"] == 1
     assert samples["scans/img3"].meta["size"] == [64, 51]  # 80x64 stored with long side 64
     assert sorted(r["path"] for r in rejects)[0] == "../outside.png" and len(rejects) == 6
 
@@ -189,4 +194,6 @@ def test_cli_csv_path_option(tmp_path):
     assert manifest.label_names == ["no_finding", "mass"] and not manifest.has_boxes
     assert samples["a"].meta["labels"] == {"mass": 1, "no_finding": 0} and samples["a"].meta["split"] == "test"
     assert samples["b"].meta["patches"] == []  # no boxes anywhere: no healthy patches either
+    # An empty labels cell lists no finding but does not say the image is normal.
+    assert samples["b"].meta["labels"]["no_finding"] == 1 and not samples["b"].meta["healthy"]
     assert rejects == []

@@ -30,12 +30,13 @@ def contour(corners, n):
 
 
 def write_case(root, image_id, *, heart=True, right=44, left=50):
+    """A 96 px copy of an image whose points, like the dataset's, are on the 1024 px frame."""
     write_png(root / "Images" / f"{image_id}.png", radiograph(SIDE, seed=len(image_id)))
     for organ, corners, n in (("RL", RIGHT_LUNG, right), ("LL", LEFT_LUNG, left), ("H", HEART, 26)):
         if organ == "H" and not heart or n is None:
             continue
         (root / "landmarks" / organ).mkdir(parents=True, exist_ok=True)
-        np.save(root / "landmarks" / organ / f"{image_id}.npy", contour(corners, n))
+        np.save(root / "landmarks" / organ / f"{image_id}.npy", contour(corners, n) * (1024 / SIDE))
 
 
 def held_out_id(prefix: str) -> str:

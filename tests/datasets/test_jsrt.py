@@ -58,6 +58,7 @@ def test_cases_become_records_with_nodule_boxes(jsrt_root):
 
     normal = records["JPCNN001"]
     assert normal.labels == {"nodule": 0} and normal.boxes == []
+    assert normal.healthy and not nodule.healthy and nodule.frame == (SIDE, SIDE)
     assert normal.source_labels == {"file_name": "JPCNN001.IMG", "age": "37", "sex": "female", "diagnosis": "non-nodule"}
 
     reasons = reject_reasons(rejects)
@@ -91,7 +92,10 @@ def test_cli_build(jsrt_root, tmp_path):
     assert meta["orig_size"] == [SIDE, SIDE] and meta["size"] == [64, 64] and meta["bits"] == 16
     assert meta["boxes"][0]["x0"] == pytest.approx((1634 - 15 / 0.175 / 2) * 64 / SIDE, abs=1e-3)
     assert [p["kind"] for p in meta["patches"]] == ["diseased"]
-    assert [p["kind"] for p in samples["JPCNN001"].meta["patches"]] == ["healthy"]
+    # The nodule and the normal case fall in different splits here, so the nodule's split has no
+    # healthy image: its healthy patch is a reported shortfall.
+    assert samples["JPCNN001"].meta["split"] != meta["split"] and samples["JPCNN001"].meta["patches"] == []
+    assert manifest.counts["healthy_shortfall"] == 1 and "no healthy counterpart" not in " ".join(manifest.notes)
     assert samples["JPCNN001"].image()[32, 32] > samples["JPCNN001"].image()[30, 18]  # mediastinum brighter than lung
     reasons = {r["path"]: r["reason"] for r in rejects}
     assert "raw file has 8192 bytes" in reasons["NonNodule93images/JPCNN003.IMG"]

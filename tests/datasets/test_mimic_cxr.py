@@ -40,6 +40,7 @@ def write_mimic(root):
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *OBSERVATIONS_TO_VOCABULARY], [
         chexpert_row("10000032", "50414267", Cardiomegaly="1.0", Edema="-1.0", Pleural_Effusion="0.0"),
         chexpert_row("11000001", "51111111", Pneumonia="1.0", No_Finding=""),
+        chexpert_row("10000764", "57375960", No_Finding="1.0", Support_Devices="1.0"),  # another study
         chexpert_row("12000002", "52222222", Fracture="1.0"),
         chexpert_row("13000003", "53333333", Fracture="1.0"),
         chexpert_row("14000004", "54444444", Edema="yes"),
@@ -67,6 +68,9 @@ def test_records(tmp_path):
     assert set(unlabelled.labels.values()) == {None}
     assert unlabelled.source_labels == {"status": "study not in mimic-cxr-2.0.0-chexpert.csv.gz"}
     assert records["cccc-0001"].split == "test" and records["cccc-0001"].labels["pneumonia"] == 1
+    # A study the label file does not list says nothing, so it is not healthy, though the
+    # patient's other study is No Finding.
+    assert not any(r.healthy for r in records.values())
 
     bad = reasons(rejects)
     assert bad["files/p12/p12000002/s52222222/dddd-0001.jpg"] == "image file not found under --root"

@@ -18,16 +18,17 @@ def node21_root(tmp_path):
     root = tmp_path / "node21"
     data = root / "cxr_images" / "proccessed_data"
     for i, name in enumerate(["n0001", "n0002", "c0001", "c0002", "n0003", "n0004"]):
-        write_mha(data / "images" / f"{name}.mha", radiograph(96, seed=i, bits=16 if i % 2 else 8))
+        write_mha(data / "images" / f"{name}.mha", radiograph(64, seed=i, bits=16 if i % 2 else 8))
+    # Boxes on the 1024 px preprocessed images; the fixture's files are 64 px copies.
     rows = [
-        [0, "n0001.mha", 1, 10, 20, 15, 12],
-        [1, "n0001.mha", 1, 50, 60, 10, 10],   # a second nodule in the same image
-        [2, "n0002.mha", 1, 30, 30, 20, 20],
+        [0, "n0001.mha", 1, 160, 320, 240, 192],
+        [1, "n0001.mha", 1, 800, 800, 160, 160],   # a second nodule in the same image
+        [2, "n0002.mha", 1, 480, 480, 320, 320],
         [3, "c0001.mha", 0, 0, 0, 0, 0],
-        [4, "c0002", 0, "", "", "", ""],       # name without extension, empty box
-        [5, "n0003.mha", 1, "?", 30, 20, 20],  # unparseable box number
-        [6, "n0004.mha", 1, 10, 10, 5, 5],
-        [7, "n0004.mha", 0, 0, 0, 0, 0],       # contradicts the row above
+        [4, "c0002", 0, "", "", "", ""],           # name without extension, empty box
+        [5, "n0003.mha", 1, "?", 480, 320, 320],   # unparseable box number
+        [6, "n0004.mha", 1, 160, 160, 80, 80],
+        [7, "n0004.mha", 0, 0, 0, 0, 0],           # contradicts the row above
     ]
     write_csv(data / "metadata.csv", HEADER, rows)
     return root
@@ -44,12 +45,15 @@ def test_rows_grouped_into_images_with_boxes(node21_root):
     first = records["n0001"]
     assert first.path == "cxr_images/proccessed_data/images/n0001.mha"
     assert first.labels == {"nodule": 1}
-    assert [b.as_list() for b in first.boxes] == [[10, 20, 25, 32], [50, 60, 60, 70]]
+    assert [b.as_list() for b in first.boxes] == [[160, 320, 400, 512], [800, 800, 960, 960]]
+    assert first.frame == (1024, 1024)
     assert records["c0001"].labels == {"nodule": 0} and records["c0001"].boxes == []
     assert records["c0002"].labels == {"nodule": 0}
+    # NODE21's negatives are its healthy images.
+    assert {i for i, r in records.items() if r.healthy} == {"c0001", "c0002"}
 
     image = first.load()
-    assert image.shape == (96, 96) and image.dtype == np.uint8
+    assert image.shape == (64, 64) and image.dtype == np.uint8
     assert records["n0002"].load().dtype == np.uint16  # a 16-bit .mha stays deep
 
     reasons = reject_reasons(rejects)
@@ -81,8 +85,11 @@ def test_cli_build(node21_root, tmp_path):
     assert manifest.label_counts["nodule"] == {"pos": 2, "neg": 2, "unknown": 0}
     nodules = samples["n0001"].meta
     assert nodules["size"] == [64, 64] and nodules["bits"] == 8
-    assert nodules["boxes"][0]["x1"] == pytest.approx(25 * 64 / 96, abs=1e-3)
+    assert nodules["boxes"][0]["x1"] == pytest.approx(400 / 16, abs=1e-3)
     assert [p["kind"] for p in nodules["patches"]] == ["diseased", "diseased"]
-    assert [p["kind"] for p in samples["c0001"].meta["patches"]] == ["healthy"]
+    # Three nodule boxes, two negatives: three healthy patches where the split allows, the rest a shortfall.
+    counts = manifest.counts
+    assert counts["healthy_patches"] + counts["healthy_shortfall"] == counts["diseased_patches"] == 3
+    assert {i for i, s in samples.items() if any(p["kind"] == "healthy" for p in s.meta["patches"])} <= {"c0001", "c0002"}
     assert samples["n0002"].meta["bits"] == 16
     assert len(rejects) == 2

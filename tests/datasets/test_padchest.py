@@ -6,7 +6,7 @@ import pytest
 
 from leader.errors import LeaderError
 from leader.shards.datasets import create_dataset
-from leader.shards.datasets.padchest import parse_labels
+from leader.shards.datasets.padchest import parse_labels, states_normal
 from leader.shards.records import RejectLog
 
 from .fixtures_dicom import build_with_cli, phantom, reasons, write_csv, write_png
@@ -47,6 +47,13 @@ def test_parse_labels():
         parse_labels("[1, 2]")
 
 
+def test_only_normal_alone_is_healthy():
+    assert states_normal(["normal"])
+    assert not states_normal(["normal", "scoliosis"])      # an unmapped finding beside it
+    assert not states_normal(["normal", "pacemaker"])
+    assert not states_normal(["suboptimal study"]) and not states_normal([])
+
+
 def test_records(tmp_path):
     root = write_padchest(tmp_path / "padchest")
     rejects = RejectLog()
@@ -65,6 +72,7 @@ def test_records(tmp_path):
     assert image.dtype == np.uint16 and image.min() == 0 and image.max() == 65535
 
     assert records["img3.png"].labels["no_finding"] == 1
+    assert {i for i, r in records.items() if r.healthy} == {"img3.png", "img7.png"}  # "normal", and nothing else
     moved = records["img4.png"]
     assert moved.path == "unzipped_elsewhere/img4.png"
     assert moved.labels["atelectasis"] == 1 and moved.labels["rib_fracture"] == 1 and moved.labels["fracture"] == 1

@@ -34,6 +34,7 @@ def test_labels_from_file_names_and_readings_kept(shenzhen_root):
     assert tb.source_labels == {"file_name_label": "1", "clinical_reading": "male 35yrs\nSTB,ATB in left upper field"}
     assert tb.path == "ChinaSet_AllFiles/CXR_png/CHNCXR_0327_1.png"
     assert records["CHNCXR_0002_0"].labels == {"no_finding": 1, "tuberculosis": 0}
+    assert {i for i, r in records.items() if r.healthy} == {"CHNCXR_0001_0", "CHNCXR_0002_0"}
     assert "clinical_reading" not in records["CHNCXR_0002_0"].source_labels
     assert tb.load().shape == (96, 80)
 

@@ -108,5 +108,7 @@ def test_cli_build(tmp_path):
     assert meta["boxes"][0] == {"label": "pneumothorax", "x0": 5.0, "y0": 2.5, "x1": 10.0, "y1": 7.5}
     assert meta["extra"]["mask_rle"]["size"] == [64, 64]  # the mask stays in original pixels
     assert {p["kind"] for p in meta["patches"]} == {"diseased"}
-    assert {p["kind"] for p in samples["1.2.2"].meta["patches"]} == {"healthy"}
+    # "-1" means no pneumothorax, not a normal image: SIIM gives no healthy patches, and says so.
+    assert samples["1.2.2"].meta["patches"] == [] and not samples["1.2.2"].meta["healthy"]
+    assert manifest.notes[0].startswith("siim: no image is stated healthy")
     assert manifest.n_rejects == 5 and manifest.label_names == ["pneumothorax"]

@@ -61,6 +61,9 @@ def test_records_from_coco_and_folders(tbx_root):
     assert {b.label for b in tb.boxes} == {"tuberculosis"}
     assert tb.source_labels == {"folder": "tb", "categories": ["ActiveTuberculosis", "ObsoletePulmonaryTuberculosis"]}
     assert tb.path == "imgs/tb/tb0001.png" and tb.split in ("train", "val")
+    assert tb.frame == (96, 96) and [b.source_label for b in tb.boxes] == ["ActiveTuberculosis", "ObsoletePulmonaryTuberculosis"]
+    # Only the health class is healthy: sick images are abnormal without TB.
+    assert {i for i, r in records.items() if r.healthy} == {"health/h0001"}
 
     # The official val json is our test split.
     assert records["tb/tb0002"].split == "test" and records["tb/tb0002"].extra["official_split"] == "val"
@@ -87,6 +90,7 @@ def test_cli_build(tbx_root, tmp_path):
     samples, manifest, rejects = build_with_cli("tbx11k", tbx_root, tmp_path / "out", "--max-reject-fraction", "1")
     assert manifest.n_samples == 5 and manifest.splits["test"] == 2
     assert [p["kind"] for p in samples["tb/tb0001"].meta["patches"]] == ["diseased", "diseased"]
-    assert [p["kind"] for p in samples["health/h0001"].meta["patches"]] == ["healthy"]
+    assert {p["kind"] for p in samples["health/h0001"].meta["patches"]} <= {"healthy"}
     assert samples["sick/s0001"].meta["patches"] == []  # sick is not normal: no healthy patch
+    assert samples["sick/s0002"].meta["patches"] == []  # nor where the split has no healthy image
     assert len(rejects) == 3

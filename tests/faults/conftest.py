@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch  # before anything that may import tensorflow (DESIGN.md)
+import torch  # before anything that may import tensorflow (docs/design.md, section 2)
 import numpy as np
 import pytest
 
@@ -284,7 +284,8 @@ def save_timm_checkpoint(path: Path, arch: str, seed: int = 1) -> Path:
 @pytest.fixture(scope="session")
 def fault_inputs(tmp_path_factory):
     """Phantom shards, the two teachers' checkpoints and their complete reference cache."""
-    from leader.precompute.run import precompute
+    from leader.precompute.run import CacheLayout, Execution, precompute
+    from leader.precompute.teachers import create_teacher
     from leader.shards.builder import BuildSettings, build_shards
 
     root = tmp_path_factory.mktemp("faults")
@@ -294,8 +295,9 @@ def fault_inputs(tmp_path_factory):
     cache = root / "cache.zarr"
     with torch_threads(1):
         for name, arch in TEACHERS.items():
-            precompute(shards, cache, teacher_name=name, kind="timm", model=models[name], views=VIEWS, batch_size=64,
-                       patch_size=PATCH_SIZE, options={"arch": arch, "input_size": PATCH_SIZE})
+            with create_teacher("timm", model=models[name], arch=arch, input_size=PATCH_SIZE) as teacher:
+                precompute(shards, name, teacher, cache, CacheLayout(views=VIEWS, patch_size=PATCH_SIZE),
+                           Execution(batch_size=64))
     return {"root": root, "shards": shards, "models": models, "cache": cache}
 
 

@@ -60,13 +60,14 @@ def test_precompute_refuses_other_view_settings_for_an_existing_cache(fault_inpu
 
 
 def test_train_refuses_a_cache_without_a_teacher_it_needs(fault_inputs, tmp_path):
-    from leader.precompute.run import precompute
+    from leader.precompute.run import CacheLayout, Execution, precompute
+    from leader.precompute.teachers import create_teacher
 
     disease_only = tmp_path / "disease-only.zarr"
-    with torch_threads(1):
-        precompute(fault_inputs["shards"], disease_only, teacher_name="disease", kind="timm",
-                   model=fault_inputs["models"]["disease"], views=2, patch_size=32, batch_size=64,
-                   options={"arch": "test_resnet", "input_size": 32})
+    with torch_threads(1), create_teacher("timm", model=fault_inputs["models"]["disease"], arch="test_resnet",
+                                          input_size=32) as teacher:
+        precompute(fault_inputs["shards"], "disease", teacher, disease_only, CacheLayout(views=2, patch_size=32),
+                   Execution(batch_size=64))
     result = invoke(*train_args(fault_inputs["shards"], disease_only, tmp_path / "run"))
     assert_one_line_error(result, "no cache holds teacher 'anatomy'", f"{disease_only}: disease")
 
@@ -106,13 +107,14 @@ def test_train_names_a_damaged_shard_instead_of_crashing(fault_inputs, tmp_path)
 
 def test_resume_refuses_a_cache_whose_teacher_dimension_differs_from_the_heads(fault_inputs, cache_copy, run_copy):
     from leader.precompute.cache import TeacherCache
-    from leader.precompute.run import precompute
+    from leader.precompute.run import CacheLayout, Execution, precompute
+    from leader.precompute.teachers import create_teacher
 
     # "disease" recomputed by another architecture: 64-d ConvNeXt features instead of 96-d ResNet ones.
-    with torch_threads(1):
-        precompute(fault_inputs["shards"], cache_copy, teacher_name="disease", kind="timm",
-                   model=fault_inputs["models"]["anatomy"], views=2, patch_size=32, batch_size=64,
-                   options={"arch": "test_convnext", "input_size": 32}, overwrite_teacher=True)
+    with torch_threads(1), create_teacher("timm", model=fault_inputs["models"]["anatomy"], arch="test_convnext",
+                                          input_size=32) as teacher:
+        precompute(fault_inputs["shards"], "disease", teacher, cache_copy, CacheLayout(views=2, patch_size=32),
+                   Execution(batch_size=64), overwrite_teacher=True)
     assert TeacherCache.open(cache_copy).emb_shape("disease")[2] == 64
     before = (run_copy / "checkpoint.pt").read_bytes()
     result = invoke(*train_args(fault_inputs["shards"], cache_copy, run_copy, resume=True))

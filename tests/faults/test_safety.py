@@ -207,6 +207,10 @@ def test_resume_and_export_refuse_a_checkpoint_that_would_run_code(fault_inputs,
     marker = tmp_path / "code-ran"
     saved = torch.load(run / "checkpoint.pt", weights_only=True)
     pickle_bomb(run / "checkpoint.pt", marker, saved)
+    # Whoever can replace the checkpoint can replace its sha256 sidecar too: weights_only must hold alone.
+    from leader.io import sha256_file
+
+    (run / "checkpoint.pt.sha256").write_text(f"{sha256_file(run / 'checkpoint.pt')}  checkpoint.pt\n")
     resumed = invoke(*train_args(fault_inputs["shards"], fault_inputs["cache"], run, resume=True))
     assert_one_line_error(resumed, str(run / "checkpoint.pt"), "weights_only=True")
     exported = invoke("export", run, "--out", tmp_path / "export")
@@ -221,7 +225,7 @@ def test_export_writes_safetensors_and_json_only(reference_run, tmp_path):
     out = tmp_path / "export"
     assert invoke("export", reference_run, "--out", out).code == 0
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["config.json", "heads.json", "heads.safetensors", "model.safetensors"]
+    assert files == ["SHA256SUMS", "config.json", "heads.json", "heads.safetensors", "model.safetensors"]
     for name in ("model.safetensors", "heads.safetensors"):
         with safe_open(str(out / name), framework="pt") as f:      # parses only the header and raw tensors
             assert len(list(f.keys())) > 0

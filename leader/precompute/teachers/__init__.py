@@ -2,14 +2,16 @@
 
     teacher = create_teacher("adam", model="adam_v2.pth", device="cuda", arch="convnext_base")
 
-The teacher modules are imported on first use (`load_all`), so importing this package costs nothing:
-the trainer may import it for names without pulling in timm, and TensorFlow is only ever imported
-inside `cxr_foundation`'s functions.
+Teacher kinds are discovered the way dataset adapters are: every module of this package is imported
+on first use (`load_all`), and each registers its kinds, so a new kind is one new module. Importing
+the package itself costs nothing: the trainer may import it for names without pulling in timm, and
+TensorFlow is only ever imported inside `cxr_foundation`'s functions.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,11 @@ from leader.registry import Registry
 TEACHERS: Registry[Teacher] = Registry("teacher")
 register_teacher = TEACHERS.register
 
-_MODULES = ("cxr_foundation", "cxr_foundation_import", "adam", "timm_teacher")
-
-
 def load_all() -> list[str]:
-    """Import every teacher module so that each registers itself; returns the registered names."""
-    for module in _MODULES:
-        importlib.import_module(f"{__name__}.{module}")
+    """Import every module of this package so that each teacher kind registers itself; returns the
+    registered kinds."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
     return TEACHERS.names()
 
 
@@ -36,6 +36,9 @@ def create_teacher(kind: str, model: str | Path | None = None, device: str = "cp
     factory = TEACHERS.get(kind)
     accepted = inspect.signature(factory).parameters
     unknown = sorted(set(options) - set(accepted))
+    if "trust_model" in unknown:
+        raise LeaderError(f"--trust-model applies to TensorFlow SavedModels (kind cxr-foundation); teacher {kind!r} "
+                          "loads tensors only, with nothing to trust")
     if unknown:
         known = sorted(p for p in accepted if p not in ("self", "model", "device", "allow_remote"))
         raise LeaderError(f"teacher {kind!r} has no option {', '.join(unknown)}; its options: {', '.join(known) or 'none'}")

@@ -2,7 +2,7 @@
 
     create_teacher("adam", model="adam_v2_convnext.pth", device="cuda")
 
-Checkpoint layouts (DESIGN.md section 4):
+Checkpoint layouts (docs/design.md, section 6):
 
 - v1, MoCo-v2 ResNet-50: the query encoder `encoder_q.*` with torchvision names and a projection MLP
   `fc.0`/`fc.2`, at the top level or under `state_dict` with DDP's `module.` prefix, next to the

@@ -80,7 +80,7 @@ def is_remote(model: str | Path) -> bool:
 def local_model_path(model: str | Path | None, kind: str, *, want: str, remote_possible: bool = True) -> Path:
     """The existing local file or directory `model` names; anything else is refused.
 
-    Teachers never reach the network unless the user asks explicitly (DESIGN.md section 8), so a URL
+    Teachers never reach the network unless the user asks explicitly (docs/design.md, section 9), so a URL
     or hub handle is refused here, naming the flag that allows it where the teacher can load one.
     want: "file" or "dir".
     """

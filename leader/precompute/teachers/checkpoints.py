@@ -22,7 +22,13 @@ _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict")
 
 
 def read_checkpoint(path: Path) -> object:
-    """torch.load with weights_only=True (no code runs), or safetensors for .safetensors files."""
+    """torch.load with weights_only=True (no code runs), or safetensors for .safetensors files.
+
+    A checkpoint with a sha256 sidecar, or listed by a SHA256SUMS beside it (a leader export), is
+    checked against it first."""
+    from leader.checksums import verify_listed
+
+    verify_listed(path, "checkpoint")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -2,13 +2,17 @@
 
     create_teacher("cxr-foundation", model="path/to/elixr-c-v2-pooled", device="cuda")
 
-The model is called the way Google serves it (DESIGN.md section 4): a batch of serialized
+The model is called the way Google serves it (docs/design.md, section 6): a batch of serialized
 tf.train.Example, each with `image/encoded` = a grayscale PNG and `image/format` = b"png", passed
 as `signatures["serving_default"](input_example=...)`. The PNG follows Google's client rule: 8-bit
 images stay 8-bit; anything else is stretched to the full uint16 range and sent as a 16-bit PNG.
 There is no client-side resize (`input_size = None`): the model resizes internally, so views are
 rendered at the stored size. The output `feature_maps_0` (B, 8, 8, 1376) is mean-pooled to 1376-d;
 a model that already returns a flat `embedding` (B, D) is used as is.
+
+Before the SavedModel is loaded, `savedmodel_gate` lists the ops of its graph and functions and
+refuses file-system, Python-call and network ops unless `trust_model=True` (`--trust-model`):
+loading a SavedModel runs its restore and init functions, and calling it runs its graph.
 
 TensorFlow is imported only inside functions, after torch (importing TF first can crash torch in
 the same process), with its logging quietened, its threads limited to torch's, and its GPU memory
@@ -35,6 +39,7 @@ from leader.errors import LeaderError
 from leader.io import sha256_tree
 from leader.precompute.teachers import register_teacher
 from leader.precompute.teachers.base import Teacher, is_remote, local_model_path
+from leader.precompute.teachers.savedmodel_gate import check_savedmodel
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +118,16 @@ class CxrFoundationTeacher(Teacher):
     needs_pixels = True
 
     def __init__(self, model: str | Path | None, device: str = "cpu", allow_remote: bool = False,
-                 threads: int | None = None):
+                 threads: int | None = None, trust_model: bool = False):
         # The path first: a URL without --allow-remote is refused before TensorFlow loads (seconds).
         self.path = self._resolve(model, allow_remote)
         self._tf = _import_tensorflow()
         _configure_tensorflow(self._tf, device, threads)
+        # Loading runs the model's restore and init functions, so its ops are checked before it.
+        trusted = check_savedmodel(self.path, trust_model=trust_model, kind=self.kind)
+        if trusted:
+            log.warning("loading SavedModel %s with --trust-model although it holds: %s", self.path,
+                        "; ".join(f.describe() for f in trusted))
         try:
             self._loaded = self._tf.saved_model.load(str(self.path))
         except Exception as exc:  # not a SavedModel, or a corrupt one

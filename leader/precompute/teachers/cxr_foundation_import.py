@@ -4,7 +4,7 @@
     embeddings, found = teacher.lookup(["0a1b2c3d-...", "00000001_000.png"])
 
 CXR Foundation v1 was only ever served by Google's API, so its embeddings exist as files
-(DESIGN.md section 4), in any of these forms under one directory, nested as deep as needed:
+(docs/design.md, section 6), in any of these forms under one directory, nested as deep as needed:
 
 - `<image stem>.npy`: a 1-D vector (what the official LeADER code reads);
 - `<image stem>.npz`: the array `embedding`, or the only array inside;

@@ -10,12 +10,19 @@ zips, unpacked)::
       test/<file_name>.png        (or test_data/test/, or test_data/)
 
 Each JSON file is a list of ``{"file_name", "syms": [...], "boxes": [[x0, y0, x1, y1], ...],
-"polygons": [...]}`` with ``syms[i]`` naming ``boxes[i]``, in the 1024x1024 image's pixels.
-Polygons (segmentation outlines) are not used.
+"polygons": [...]}`` with ``syms[i]`` naming ``boxes[i]``, in the pixels of the 1024x1024 images
+(the record's frame; resized copies get their boxes scaled). Polygons (segmentation outlines)
+are not used.
 
 Labels: every image is annotated for all 13 classes, so a class not among its ``syms`` is 0.
-"Diffuse Nodule" and "Nodule" both map to ``nodule`` (boxes keep the class name in
-``source_labels``); ``no_finding`` is 1 for images without any finding.
+"Diffuse Nodule" and "Nodule" both map to ``nodule``; each box keeps its ChestX-Det class as its
+``source_label``, and ``source_classes`` codes the 13 classes under their own names (class set
+``paper``). ``no_finding`` is 1 for images without any finding.
+
+Healthy: ChestX-Det has no "normal" class; an image is normal in it when its entry lists no
+finding at all (``"syms": [], "boxes": []``, as in the released JSON), which is what its three
+radiologists said after looking for all 13 classes. Such an image is taken as healthy. Findings
+outside the 13 (edema, hernia, ...) were not annotated, so they cannot be ruled out.
 
 Splits: the official train/test files; ``val`` is carved patient-wise out of train (option
 ``val_fraction``, 15% by default). The dataset publishes no patient ids, so the image id (file
@@ -36,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import SOURCE, ClassSet
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
@@ -58,6 +66,7 @@ CLASSES = {
     "Pneumothorax": "pneumothorax",
 }
 
+FRAME = (1024, 1024)   # the released images; boxes and polygons are in their pixels
 ANNOTATIONS = {"train": "ChestX_Det_train.json", "test": "ChestX_Det_test.json"}
 # How the image zips unpack, depending on the tool and the mirror; the nested form first, since
 # there train_data/ exists too but holds only the folder.
@@ -80,6 +89,8 @@ class ChestXDet:
     has_boxes = True
     has_landmarks = False
     overlap_note = "ChestX-Det images are a subset of NIH ChestX-ray14 (renumbered file names)"
+    source_class_names = list(CLASSES)
+    class_sets = {"paper": ClassSet(tuple(CLASSES), SOURCE, "ChestX-Det's 13 classes")}
 
     def __init__(self, val_fraction: float = 0.15):
         self.val_fraction = check_val_fraction("chestx-det", val_fraction)
@@ -128,6 +139,9 @@ class ChestXDet:
                     boxes=boxes,
                     landmarks=None,
                     extra={"also_in": ["nih14"], "official_split": official},
+                    healthy=not names,
+                    frame=FRAME,
+                    source_classes={name: int(name in names) for name in CLASSES},
                 )
 
 
@@ -175,5 +189,5 @@ def parse_findings(entry: dict) -> tuple[list[Box], list[str]]:
             numbers = []
         if len(numbers) != 4 or not all(math.isfinite(c) for c in numbers):
             raise _EntryError(f"box for {name!r} has unparseable numbers: {coords!r}")
-        boxes.append(Box(CLASSES[name], *numbers))
+        boxes.append(Box(CLASSES[name], *numbers, source_label=name))
     return boxes, syms

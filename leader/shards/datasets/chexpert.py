@@ -16,6 +16,12 @@ Labels: the 14 observations are coded 1.0 (positive), 0.0 (negative), -1.0 (unce
 (not mentioned in the report). Uncertain and blank both become None, never 0; ``source_labels``
 keeps the raw strings. "Pleural Effusion" maps to ``effusion``.
 
+Healthy: "No Finding" is 1 and no other observation is positive or uncertain (Support Devices
+aside: a device is not a finding, and the labeller sets No Finding beside it).
+
+Class sets: ``paper`` is the 5 CheXpert competition diseases (Atelectasis, Cardiomegaly,
+Consolidation, Edema, Pleural Effusion), under their harmonised names.
+
 Splits: the official split is kept apart: ``valid.csv`` (radiologist-labelled) is the ``test``
 split, and ``val`` is carved patient-wise out of ``train.csv`` (``val_fraction`` of the patients),
 so that model selection never sees the test images. ``frontal_only`` (default True) skips lateral
@@ -32,6 +38,7 @@ from typing import Iterator
 import pandas as pd
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import ClassSet
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
@@ -81,6 +88,17 @@ def code_observations(row: dict[str, str]) -> tuple[dict[str, int | None], dict[
     return labels, raw
 
 
+# Observations that are findings: all but No Finding itself and Support Devices.
+FINDINGS = tuple(name for name in OBSERVATIONS_TO_VOCABULARY if name not in ("No Finding", "Support Devices"))
+COMPETITION_5 = ("atelectasis", "cardiomegaly", "consolidation", "edema", "effusion")
+
+
+def states_no_finding(raw: dict[str, str]) -> bool:
+    """The labeller's positive "No Finding", with no finding positive or uncertain beside it."""
+    return code_observation(raw["No Finding"]) == 1 and all(
+        code_observation(raw[name]) != 1 and raw[name].strip() not in ("-1", "-1.0") for name in FINDINGS)
+
+
 _PATIENT = re.compile(r"^patient\d+$")
 _SPLIT_FILES = (("train.csv", "train"), ("valid.csv", "test"))
 
@@ -92,6 +110,7 @@ class CheXpert:
     has_boxes = False
     has_landmarks = False
     overlap_note = None
+    class_sets = {"paper": ClassSet(COMPETITION_5, about="the 5 CheXpert competition diseases")}
 
     def __init__(self, frontal_only: bool = True, val_fraction: float = 0.1):
         check_val_fraction("chexpert", val_fraction)
@@ -160,6 +179,7 @@ class CheXpert:
             landmarks=None,
             view=view,
             extra={"sex": row["Sex"].strip(), "age": row["Age"].strip(), "label_file": filename},
+            healthy=states_no_finding(raw),
         )
 
 

@@ -21,7 +21,8 @@ normal             0            0              1
 =================  ===========  =============  ==============
 
 "negative" (CXR-3/4) pools normal and non-COVID pneumonia, so neither is claimed; a COVID-19
-image may or may not show pneumonia, so pneumonia is unknown (None), not 0.
+image may or may not show pneumonia, so pneumonia is unknown (None), not 0. Healthy: ``normal``
+only (older releases); a "negative" image is not known to be normal.
 
 Splits: the official lists (``val.txt`` where the release has one, else ``val`` is carved
 patient-wise out of train: option ``val_fraction``, 15% by default). Patient ids come from the
@@ -129,6 +130,7 @@ class COVIDx:
                     boxes=[],
                     landmarks=None,
                     extra=extra,
+                    healthy=label.lower() == "normal",
                 )
 
 

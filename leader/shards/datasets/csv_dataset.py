@@ -28,8 +28,15 @@ vocabulary name is used, otherwise the name is kept exactly as written. The data
 the union of the harmonised names over the whole CSV plus ``no_finding``; within it a finding not
 listed for an image is 0 (the CSV lists every positive finding, as NIH does), and ``no_finding`` is
 1 exactly when an image has no finding. A box's label counts as a listed finding. The names as
-written are kept in ``source_labels["labels"]``. Because the label set is only known once the CSV
-is read, ``label_names`` and ``has_boxes`` are filled in by `records()`.
+written are kept in ``source_labels["labels"]``; a box whose label was renamed keeps the name as
+written as its ``source_label``. Because the label set is only known once the CSV is read,
+``label_names`` and ``has_boxes`` are filled in by `records()`.
+
+Healthy: only a row whose labels say so explicitly ("No Finding", "normal", ...: a name that
+harmonises to ``no_finding``). An empty cell lists no finding, which may only mean none was
+recorded, so that image gives no healthy patches.
+
+Boxes are in the pixels of the image file as it is (records have no separate frame).
 
 The image id is the path relative to ROOT without its extension (``scans/a b/1.png`` ->
 ``scans/a b/1``); the sample key sanitiser later turns unsafe characters into ``_``.
@@ -178,6 +185,7 @@ class CsvDataset:
                 boxes=row.boxes,
                 landmarks=None,
                 extra={"csv": csv_file.name, "csv_line": row.line},
+                healthy="no_finding" in row.positives,
             )
 
     def _read_rows(self, csv_file: Path, root: Path) -> list:
@@ -300,5 +308,6 @@ def parse_boxes(text: str) -> list[Box]:
             if not math.isfinite(number):
                 raise _RowError(f"box {i} has a non-finite {k} ({value!r})")
             coords.append(number)
-        boxes.append(Box(harmonise(label), *coords))
+        name = harmonise(label)
+        boxes.append(Box(name, *coords, source_label=label.strip() if name != label.strip() else None))
     return boxes

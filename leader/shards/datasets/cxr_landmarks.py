@@ -9,6 +9,9 @@ Expected ``--root`` layout (the ngaggion/Chest-xray-landmark-dataset repository,
       landmarks/LL/<id>.npy      left lung:  50 (x, y) points
       landmarks/H/<id>.npy       heart: 26 (x, y) points; only for JSRT and PadChest images
 
+The points are in the pixels of the 1024 x 1024 images the notebooks write (the record's frame;
+resized copies get their landmarks scaled).
+
 "Right" and "left" are the patient's: the right lung lies on the image's left in a PA view. The
 rules below use which side the other lung lies on, not a fixed image direction, so they hold
 either way round.
@@ -55,6 +58,7 @@ from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
 
 POINTS = {"RL": 44, "LL": 50, "H": 26}
+FRAME = (1024, 1024)
 HILUM_BAND = (0.35, 0.65)   # fraction of the lung's height, from its top
 LANDMARK_NAMES = (
     "right_lung_apex", "left_lung_apex",
@@ -114,6 +118,7 @@ class CxrLandmarks:
                 boxes=[],
                 landmarks=named_landmarks(right, left, heart),
                 extra={"also_in": [source_dataset(image_id)], "has_heart": heart is not None},
+                frame=FRAME,
             )
 
 

@@ -21,7 +21,8 @@ The two text files are tab separated, one case per line:
 
 Labels: ``nodule`` 1 for CLNDAT cases, 0 for CNNDAT cases. Each nodule gets a square box centred
 on (x, y) with side = size_mm / 0.175 (JSRT's pixel spacing is 0.175 mm), i.e. the nodule's
-diameter. The whole row is kept, with named fields, in ``source_labels``.
+diameter, on the 2048 x 2048 frame. The whole row is kept, with named fields, in ``source_labels``.
+Healthy: the non-nodule (CNNDAT) cases, which JSRT lists as images without a nodule.
 
 Splits: no official split; patient-wise (70/15/15), one image per patient, so the image id (file
 name without ``.IMG``) stands in for the patient. All 247 images are also annotated in the
@@ -111,6 +112,8 @@ class JSRT:
                 boxes=boxes,
                 landmarks=None,
                 extra={"also_in": ["cxr-landmarks"]},
+                healthy=not is_nodule,
+                frame=(SIDE, SIDE),
             )
         for key in sorted(set(images) - listed):
             rejects.add(images[key].relative_to(root).as_posix(), "listed in neither CLNDAT_EN.txt nor CNNDAT_EN.txt")

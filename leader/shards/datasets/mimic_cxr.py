@@ -11,7 +11,8 @@ Expected ``--root`` (the PhysioNet ``mimic-cxr-jpg/2.0.0`` folder, as-is)::
 Labels come from the CheXpert labeller, one row per study, shared by the study's images, and are
 coded exactly as CheXpert's: 1.0 -> 1, 0.0 -> 0, -1.0 (uncertain) and blank -> None. A study that
 the label file does not list keeps every label None and says so in ``source_labels``; it is a
-record, not a reject. Splits are the official ``split`` column (``validate`` -> ``val``). The
+record, not a reject. Healthy as CheXpert: "No Finding" = 1 and no finding positive or uncertain
+(a study without a label row is not healthy). Splits are the official ``split`` column (``validate`` -> ``val``). The
 patient id is ``subject_id``. ``frontal_only`` (default True) keeps ViewPosition PA and AP and
 skips the other views by choice (they are not rejects).
 """
@@ -26,7 +27,7 @@ import pandas as pd
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import require_root
-from leader.shards.datasets.chexpert import OBSERVATIONS_TO_VOCABULARY, code_observations
+from leader.shards.datasets.chexpert import OBSERVATIONS_TO_VOCABULARY, code_observations, states_no_finding
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered
@@ -105,6 +106,7 @@ class MIMICCXR:
             landmarks=None,
             view=view,
             extra={"study_id": study},
+            healthy=study_row is not None and states_no_finding(source_labels),
         )
 
 

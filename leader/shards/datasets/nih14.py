@@ -20,7 +20,14 @@ the two split lists every image gets a patient-wise train/val/test split instead
 CSV but in neither list is rejected.
 
 Boxes: the bounding-box file names the finding "Infiltrate" where the label file says
-"Infiltration"; both map to ``infiltration``. Its ``[x, y, w, h]`` become (x0, y0, x1, y1).
+"Infiltration"; both map to ``infiltration``. Its ``[x, y, w, h]`` become (x0, y0, x1, y1), in the
+pixels of the released 1024 x 1024 PNGs (the record's frame): copies resized to another size,
+such as torchxrayvision's 512 px files, get their boxes scaled by the builder.
+
+Healthy: an image whose ``Finding Labels`` is exactly "No Finding". A box on such an image
+contradicts it, and the builder rejects the image.
+
+Class sets: ``paper`` is the 14 findings, without ``no_finding``.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from typing import Iterator
 import pandas as pd
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import ClassSet
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
@@ -56,6 +64,9 @@ NIH_TO_VOCABULARY = {
     "Pneumothorax": "pneumothorax",
 }
 BOX_NAME_ALIASES = {"Infiltrate": "Infiltration"}
+NO_FINDING = "No Finding"
+# Every released PNG is 1024 x 1024; BBox_List_2017.csv is given in its pixels.
+FRAME = (1024, 1024)
 
 
 @register_dataset("nih14")
@@ -67,6 +78,8 @@ class NIHChestXray14:
     overlap_note = (
         "RSNA Pneumonia, SIIM-ACR, ChestX-Det and part of COVIDx are drawn from NIH ChestX-ray14 images"
     )
+    class_sets = {"paper": ClassSet(tuple(n for n in label_names if n != "no_finding"),
+                                    about="the 14 ChestX-ray14 findings, without No Finding")}
 
     def __init__(self, val_fraction: float = 0.125):
         self.val_fraction = check_val_fraction("nih14", val_fraction)
@@ -100,7 +113,7 @@ class NIHChestXray14:
         if unknown:
             rejects.add(where, f"unknown finding: {unknown} in Data_Entry_2017 'Finding Labels'")
             return None
-        if "No Finding" in names and len(names) > 1:
+        if NO_FINDING in names and len(names) > 1:
             rejects.add(where, f"'No Finding' mixed with findings: {findings!r} in Data_Entry_2017")
             return None
         if not patient:
@@ -130,6 +143,8 @@ class NIHChestXray14:
             boxes=boxes.get(image_id, []),
             landmarks=None,
             view=view or None,
+            healthy=names == [NO_FINDING],
+            frame=FRAME,
         )
 
 
@@ -172,7 +187,7 @@ def _read_boxes(root: Path, known_images: set[str], rejects: RejectLog) -> dict[
         image_id, finding = image_id.strip(), finding.strip()
         finding = BOX_NAME_ALIASES.get(finding, finding)
         where = f"BBox_List_2017.csv:{line}"
-        if finding not in NIH_TO_VOCABULARY or finding == "No Finding":
+        if finding not in NIH_TO_VOCABULARY or finding == NO_FINDING:
             rejects.add(where, f"unknown finding: box for {finding!r} on {image_id}")
             continue
         if image_id not in known_images:

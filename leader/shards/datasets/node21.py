@@ -9,7 +9,11 @@ that contains it)::
 
 ``metadata.csv`` has one row per nodule (label 1, box ``x, y, width, height`` in pixels) and one
 row per control image (label 0, box empty or zero). Labels: ``nodule`` 1/0. Boxes become
-``[x, y, x + width, y + height]``. The images come from JSRT, PadChest, ChestX-ray14 and Open-I,
+``[x, y, x + width, y + height]``, in the pixels of the 1024x1024 preprocessed images (the
+record's frame; resized copies get their boxes scaled).
+
+Healthy: the control images (label 0). They are NODE21's negatives, "no nodule"; the dataset has
+no other label to rule out other findings. The images come from JSRT, PadChest, ChestX-ray14 and Open-I,
 but the file names do not say which, so no per-image ``also_in`` is set; the overlap note says it.
 
 Splits: NODE21's public set has no official split, so the split is patient-wise (70/15/15). It
@@ -36,6 +40,7 @@ from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
 
 COLUMNS = ("img_name", "label", "x", "y", "width", "height")
+FRAME = (1024, 1024)   # every preprocessed image; metadata.csv's boxes are in its pixels
 # Where metadata.csv sits when ROOT is the unpacked challenge download rather than its data folder.
 DATA_DIRS = (".", "cxr_images/proccessed_data", "proccessed_data")
 
@@ -88,6 +93,8 @@ class Node21:
                 source_labels={"label": rows[0][1]["label"], "rows": len(rows)},
                 boxes=boxes,
                 landmarks=None,
+                healthy=label == 0,
+                frame=FRAME,
             )
 
 

@@ -15,7 +15,9 @@ parsed with ``ast.literal_eval``; entries are stripped. The list is the full set
 extracted from the report, so a mapped vocabulary label absent from it is 0. ``normal`` sets
 ``no_finding`` = 1. PadChest's finer names fold into the vocabulary (e.g. ``laminar atelectasis``
 -> atelectasis, ``pacemaker`` -> support_devices); every raw label, mapped or not, is kept in
-``source_labels["Labels"]``. An empty list gives unknown (None) labels. ``MethodLabel`` (Physician
+``source_labels["Labels"]``. An empty list gives unknown (None) labels. Healthy: the list is
+``normal`` and nothing else; any other entry, mapped or not (``scoliosis``, ``exclude``,
+``suboptimal study``), is not that statement. ``MethodLabel`` (Physician
 or RNN_model) is kept in ``extra``.
 
 Split: patient-wise on ``PatientID`` (PadChest has no official split). ``frontal_only`` (default
@@ -144,6 +146,7 @@ class PadChest:
                 landmarks=None,
                 view=projection or None,
                 extra={"MethodLabel": method.strip()},
+                healthy=states_normal(raw),
             )
 
 
@@ -159,6 +162,11 @@ def parse_labels(text: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{text[:80]!r} is not a list of strings")
     return [v.strip() for v in value if v.strip()]
+
+
+def states_normal(raw: list[str]) -> bool:
+    """PadChest's "normal", alone: any other entry, mapped or not, is a finding or a doubt."""
+    return bool(raw) and {name.lower() for name in raw} == {"normal"}
 
 
 def harmonise(raw: list[str]) -> dict[str, int | None]:

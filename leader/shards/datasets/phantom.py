@@ -6,6 +6,9 @@ rendered later, by `load`, in the builder's worker processes. `load` is a partia
 module-level function of (image id, seed, config), so it pickles and regenerates the same bytes
 in any process.
 
+A case without any finding is healthy (the generator knows it drew none); boxes and landmarks are
+given on the ``size`` x ``size`` image the generator renders.
+
 Options (adapter keyword arguments, e.g. from the build settings): any `PhantomConfig` field,
 such as ``size``, ``bits``, ``prevalence`` (a dict of rates; unlisted diseases keep theirs),
 ``studies_per_patient`` and ``split_fractions``.
@@ -69,4 +72,6 @@ class PhantomDataset:
                 landmarks=case.landmarks,
                 view=case.view,
                 extra={"study": case.study, "anatomy": case.anatomy},
+                healthy=not any(case.labels.values()),
+                frame=(self.config.size, self.config.size),
             )

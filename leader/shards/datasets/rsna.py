@@ -14,9 +14,15 @@ stage 2 ones are absent.) The test images have no public labels and are not used
 
 Labels: ``pneumonia`` and ``lung_opacity`` are both the challenge's Target (the boxes mark lung
 opacities read as evidence of pneumonia); ``no_finding`` is set only when the detailed class file
-is present (1 for class "Normal"). Boxes are ``pneumonia`` boxes, converted from [x, y, w, h].
+is present (1 for class "Normal"). Boxes are ``pneumonia`` boxes (the challenge's class "Lung
+Opacity", kept as their ``source_label``), converted from [x, y, w, h], in the pixels of the
+challenge's 1024 x 1024 images (the record's frame; resized copies are scaled).
 An image whose rows disagree (Target 0 and 1, a Target 0 row with a box, a box that cannot be
 parsed) is rejected whole, since its box set would be incomplete.
+
+Healthy: only class "Normal" of the detailed class file. "No Lung Opacity / Not Normal" images
+have other findings; without the file no image is stated healthy, so none gives healthy patches,
+and the build says so (``notes``).
 
 Ids: the challenge's ``patientId`` names one image; it is used as the patient id. Split:
 patient-wise. Overlap: every RSNA image comes from NIH ChestX-ray14 (``extra.also_in``), so do not
@@ -40,6 +46,7 @@ from leader.shards.vocabulary import ordered, patient_split
 STAGES = ("stage_2", "stage_1")
 NORMAL_CLASS = "Normal"
 OPACITY_CLASS = "Lung Opacity"
+FRAME = (1024, 1024)   # every challenge DICOM is 1024 x 1024; the boxes are in its pixels
 
 
 @register_dataset("rsna")
@@ -61,6 +68,8 @@ class RSNAPneumonia:
         if missing := [c for c in needed if c not in table.columns]:
             raise LeaderError(f"rsna: {labels_file} lacks the column(s) {missing}")
         classes = _read_classes(root / f"{stage}_detailed_class_info.csv")
+        self.notes = [] if classes is not None else [
+            f"rsna: {stage}_detailed_class_info.csv is absent, so no image is stated Normal and none gives healthy patches"]
         rows_of: dict[str, list[tuple[int, list[str]]]] = {}
         for line, row in enumerate(table[needed].itertuples(index=False), start=2):
             rows_of.setdefault(row[0].strip(), []).append((line, [v.strip() for v in row[1:]]))
@@ -96,6 +105,8 @@ class RSNAPneumonia:
                 landmarks=None,
                 view=_view_position(path),
                 extra={"also_in": ["nih14"]},
+                healthy=source.get("class") == NORMAL_CLASS,
+                frame=FRAME,
             )
 
 
@@ -142,7 +153,7 @@ def _target_and_boxes(rows: list[tuple[int, list[str]]], labels_file: str) -> tu
             x0, y0, width, height = (float(v) for v in coords)
         except ValueError:
             raise ValueError(f"unparseable box: {coords} with Target 1 ({labels_file} row {line})") from None
-        boxes.append(Box("pneumonia", x0, y0, x0 + width, y0 + height))
+        boxes.append(Box("pneumonia", x0, y0, x0 + width, y0 + height, source_label=OPACITY_CLASS))
     return target, boxes
 
 

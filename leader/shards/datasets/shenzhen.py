@@ -7,7 +7,7 @@ Expected ``--root`` layout (ChinaSet_AllFiles as distributed, or the folder that
       ClinicalReadings/CHNCXR_0001_0.txt  optional: sex/age line, then the radiologist's reading
 
 Labels: ``tuberculosis`` = the file name's last digit, and ``no_finding`` = its opposite (the
-0-class images are read as normal). The reading, when present, is kept verbatim in
+0-class images are the set's normal class, and healthy). The reading, when present, is kept verbatim in
 ``source_labels["clinical_reading"]``.
 
 Splits: no official split; patient-wise (70/15/15). There are no patient ids (one image per
@@ -85,4 +85,5 @@ class Shenzhen:
                 source_labels=source_labels,
                 boxes=[],
                 landmarks=None,
+                healthy=digit == "0",
             )

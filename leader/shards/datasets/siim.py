@@ -18,7 +18,11 @@ row has a mask, else 0. Each connected region of the mask (4-connectivity) becom
 back into an array). ``source_labels["n_masks"]`` counts the rows with a mask.
 
 An image with both ``-1`` and a mask, an undecodable RLE, or a DICOM file without a label row is
-rejected. Ids: SIIM de-identified each image on its own, so the ImageId is the patient id. Split:
+rejected. Masks and boxes are in the DICOM's own pixels (the RLE is decoded at its Rows x Columns).
+
+Healthy: none. ``-1`` says "no pneumothorax", not "normal": SIIM's images come from NIH, many with
+other findings, and SIIM labels nothing else. So SIIM gives no healthy patches, and the build's
+notes report the shortfall. Ids: SIIM de-identified each image on its own, so the ImageId is the patient id. Split:
 patient-wise. Overlap: the images come from NIH ChestX-ray14 (``extra.also_in``).
 """
 from __future__ import annotations

@@ -22,9 +22,13 @@ tb          1                 1           0
 ==========  ================  ==========  ==========
 
 Every box is a ``tuberculosis`` box; its COCO category (active / latent / uncertain TB) is kept in
-``source_labels["categories"]``. A box on a health/ or sick/ image contradicts the folder and the
-image is rejected, as is an image with a box that cannot be parsed (a partial set of boxes would
-let a healthy patch be cut over an unboxed lesion).
+``source_labels["categories"]`` and as the box's ``source_label``. Boxes are in the pixels of the
+image the COCO entry describes (its ``width`` and ``height``, 512 x 512 in the release: the
+record's frame; resized copies get their boxes scaled).
+
+Healthy: the ``health`` class only; ``sick`` images are abnormal without TB. A box on a health/
+or sick/ image contradicts the folder and the image is rejected, as is an image with a box that
+cannot be parsed (a partial set of boxes would let a healthy patch be cut over an unboxed lesion).
 
 Splits: TBX11K's test labels are withheld, so the official ``val`` json (1,800 images, the set
 papers report on) becomes ``test``, and ``val`` is carved patient-wise out of the official train
@@ -53,6 +57,7 @@ FOLDER_LABELS = {
     "sick": {"tuberculosis": 0, "abnormal": 1, "no_finding": 0},
     "tb": {"tuberculosis": 1, "abnormal": 1, "no_finding": 0},
 }
+FRAME = (512, 512)   # the released images, when a COCO entry does not give its size
 # Official annotation file -> our split ("train" is further carved into train/val).
 ANNOTATIONS = {"TBX11K_train.json": "train", "TBX11K_val.json": "test"}
 
@@ -83,7 +88,7 @@ class TBX11K:
 
     def _emit(self, root: Path, sources, rejects: RejectLog, seed: int) -> Iterator[SourceRecord]:
         for json_name, official, images in sources:
-            for file_name, annotations in images:
+            for file_name, annotations, frame in images:
                 path = f"imgs/{file_name}"
                 try:
                     folder, boxes, categories = parse_image(file_name, annotations)
@@ -106,11 +111,13 @@ class TBX11K:
                     boxes=boxes,
                     landmarks=None,
                     extra={"official_split": "train" if official == "train" else "val"},
+                    healthy=folder == "health",
+                    frame=frame,
                 )
 
 
-def read_coco(path: Path, rejects: RejectLog) -> list[tuple[str, list[dict]]]:
-    """(file_name, its annotations) per image, in the file's image order.
+def read_coco(path: Path, rejects: RejectLog) -> list[tuple[str, list[dict], tuple[int, int]]]:
+    """(file_name, its annotations, its (height, width)) per image, in the file's image order.
 
     Structural faults of the whole file are a `LeaderError`; an annotation that points at no image
     is rejected on its own.
@@ -132,7 +139,7 @@ def read_coco(path: Path, rejects: RejectLog) -> list[tuple[str, list[dict]]]:
         if not isinstance(image, dict) or "id" not in image or not isinstance(image.get("file_name"), str):
             rejects.add(path.name, f"{path.name}: image entry without id and file_name: {str(image)[:120]}")
             continue
-        images[image["id"]] = (image["file_name"], [])
+        images[image["id"]] = (image["file_name"], [], _frame(image))
     for ann in coco["annotations"]:
         owner = images.get(ann.get("image_id")) if isinstance(ann, dict) else None
         if owner is None:
@@ -140,6 +147,14 @@ def read_coco(path: Path, rejects: RejectLog) -> list[tuple[str, list[dict]]]:
             continue
         owner[1].append({**ann, "category": categories.get(ann.get("category_id"))})
     return list(images.values())
+
+
+def _frame(image: dict) -> tuple[int, int]:
+    """The size a COCO image entry states, else the release's 512 x 512."""
+    height, width = image.get("height"), image.get("width")
+    if all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (height, width)):
+        return height, width
+    return FRAME
 
 
 def parse_image(file_name: str, annotations: list[dict]) -> tuple[str, list[Box], list[str]]:
@@ -162,7 +177,7 @@ def parse_image(file_name: str, annotations: list[dict]) -> tuple[str, list[Box]
         if len(numbers) != 4 or not all(math.isfinite(v) for v in numbers):
             raise _ImageError(f"bbox {bbox!r} is not [x, y, w, h] numbers")
         x, y, w, h = numbers
-        boxes.append(Box("tuberculosis", x, y, x + w, y + h))
+        boxes.append(Box("tuberculosis", x, y, x + w, y + h, source_label=category))
         categories.append(category)
     if boxes and folder != "tb":
         raise _ImageError(f"{len(boxes)} TB box(es) on an image in the {folder}/ folder")

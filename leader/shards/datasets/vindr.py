@@ -19,14 +19,29 @@ else 0; the test split's consensus rows are one reader. VinDr's names map to the
 fibrosis, ``ILD`` -> ild, ...); Enlarged PA, COPD, Lung tumor and Other disease(s) have no vocabulary
 entry and stay in ``source_labels`` (the per-class reader votes) only.
 
-Box fusion rule (``fuse_reader_boxes``): per image and class, boxes are taken reader by reader;
-each joins the cluster (holding no box of the same reader yet) whose mean box it overlaps most, if
-that IoU >= 0.4, otherwise it starts a new cluster. A cluster drawn by a strict majority of the
-image's readers (2 of 3) becomes one box, the mean of its members' coordinates; clusters drawn by
-fewer readers are dropped as unconfirmed and counted in ``extra["unconfirmed_boxes"]``.
-``extra["box_readers"]`` gives each kept box's reader count. Boxes of classes outside the
-vocabulary are kept, fused the same way, in ``extra["other_boxes"]``. Test boxes are consensus
-boxes and are used as they are.
+Boxes (option ``boxes``): ``readers`` (the default) keeps every reader's box, each with its own
+class; ``fused`` fuses them (``fuse_reader_boxes``): per image and class, boxes are taken reader
+by reader; each joins the cluster (holding no box of the same reader yet) whose mean box it
+overlaps most, if that IoU >= 0.4, otherwise it starts a new cluster. A cluster drawn by a strict
+majority of the image's readers (2 of 3) becomes one box, the mean of its members' coordinates;
+clusters drawn by fewer readers are dropped as unconfirmed and counted in
+``extra["unconfirmed_boxes"]``. Why every reader's box by default: LeADER's Table 1 lists 36,096
+VinDr samples, exactly the number of lesion-box rows in the Kaggle release of the same 15,000
+training images (67,914 rows, of which 31,818 are the "No finding" rows of 10,606 normal images),
+where a lesion seen by three readers is three rows; fusing counts it once.
+``extra["box_readers"]`` gives each kept box's readers. Boxes of classes outside the vocabulary
+are kept the same way in ``extra["other_boxes"]``. Test boxes are consensus boxes and are used as
+they are. Boxes are in the DICOM's own pixels (the record has no separate frame); each box keeps
+its VinDr class in ``source_label``.
+
+Healthy: only an image that every one of its readers called "No finding" (and nothing else, and
+drew no box). An image with an unmapped finding (Enlarged PA, COPD, ...), a single reader's box,
+or "No finding" from 2 of 3 readers only is not healthy, though its ``no_finding`` label (a
+majority vote) may be 1.
+
+Class names: ``source_classes`` codes VinDr's 22 local (lesion) classes by the same majority vote
+as ``labels``. Class set ``paper``: VinDr's 14 standard lesion classes (those of its Kaggle
+challenge), under VinDr's own names.
 
 Splits: ``train/`` -> train, with ``val`` carved out of it image-wise (``val_fraction``);
 ``test/`` -> test. VinDr publishes no patient ids, so the image id is the patient id.
@@ -41,6 +56,7 @@ from typing import Iterator
 import pandas as pd
 
 from leader.errors import LeaderError
+from leader.shards.class_sets import SOURCE, ClassSet
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
@@ -83,6 +99,20 @@ _CANONICAL = {name.lower(): name for name in VINDR_TO_VOCABULARY}
 NO_FINDING = "No finding"
 IOU_THRESHOLD = 0.4
 CONSENSUS = "consensus"
+BOX_MODES = ("readers", "fused")
+# The findings readers localise with boxes; the others (COPD, Lung tumor, Pneumonia, Tuberculosis,
+# Other disease(s), No finding) are diagnoses of the whole image.
+LOCAL_CLASSES = (
+    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture", "Consolidation",
+    "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity", "Lung cyst",
+    "Mediastinal shift", "Nodule/Mass", "Pleural effusion", "Pleural thickening", "Pneumothorax",
+    "Pulmonary fibrosis", "Rib fracture", "Other lesion",
+)
+STANDARD_14 = (
+    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation", "ILD", "Infiltration",
+    "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion", "Pleural thickening", "Pneumothorax",
+    "Pulmonary fibrosis",
+)
 
 
 @dataclass
@@ -111,9 +141,15 @@ class VinDrCXR:
     has_boxes = True
     has_landmarks = False
     overlap_note = None
+    source_class_names = list(LOCAL_CLASSES)
+    class_sets = {"paper": ClassSet(STANDARD_14, SOURCE, "VinDr-CXR's 14 standard lesion classes")}
 
-    def __init__(self, val_fraction: float = 0.125):
+    def __init__(self, val_fraction: float = 0.125, boxes: str = "readers"):
         self.val_fraction = check_val_fraction("vindr", val_fraction)
+        if boxes not in BOX_MODES:
+            raise LeaderError(f"vindr: boxes must be one of {', '.join(BOX_MODES)} (every reader's box, or boxes "
+                              f"fused across readers), got {boxes!r}")
+        self.boxes = boxes
 
     def records(
         self, root: Path | None, rejects: RejectLog, *, seed: int = 0, n: int | None = None
@@ -150,22 +186,31 @@ class VinDrCXR:
         boxes, other_boxes, box_readers, unconfirmed = [], [], [], 0
         classes = sorted({c for r in readings.readers.values() for c, _ in r.boxes})
         for name in classes:
-            per_reader = [(reader, box) for reader, r in readings.readers.items() for c, box in r.boxes if c == name]
-            fused, dropped = fuse_reader_boxes(per_reader, n_readers)
-            unconfirmed += dropped
-            for box, support in fused:
+            per_reader = sorted(((reader, box) for reader, r in readings.readers.items() for c, box in r.boxes if c == name),
+                                key=lambda rb: rb[0])
+            if self.boxes == "fused":
+                kept, dropped = fuse_reader_boxes(per_reader, n_readers)
+                unconfirmed += dropped
+            else:
+                kept = [(box, (reader,)) for reader, box in per_reader]
+            for box, readers in kept:
                 if (vocab := VINDR_TO_VOCABULARY[name]) is not None:
-                    boxes.append(Box(vocab, *box))
-                    box_readers.append(support)
+                    boxes.append(Box(vocab, *box, source_label=name))
+                    box_readers.append(list(readers))
                 else:
-                    other_boxes.append({"label": name, "box": list(box), "readers": support})
+                    other_boxes.append({"label": name, "box": list(box), "readers": list(readers)})
         if readings.split == "train":
             split = patient_split(self.name, image_id, seed, (1.0 - self.val_fraction, self.val_fraction, 0.0))
         else:
             split = "test"
-        extra = {"box_readers": box_readers, "unconfirmed_boxes": unconfirmed}
+        extra = {"box_mode": self.boxes, "box_readers": box_readers}
+        if self.boxes == "fused":
+            extra["unconfirmed_boxes"] = unconfirmed
         if other_boxes:
             extra["other_boxes"] = other_boxes
+        # "Every reader" is the dataset's own statement of a normal image; a majority is not.
+        healthy = bool(readings.readers) and all(r.positive == {NO_FINDING} and not r.boxes
+                                                 for r in readings.readers.values())
         return SourceRecord(
             dataset=self.name,
             image_id=image_id,
@@ -179,15 +224,17 @@ class VinDrCXR:
             landmarks=None,
             view=None,
             extra=extra,
+            healthy=healthy,
+            source_classes={name: int(2 * votes.get(name, 0) > n_readers) for name in LOCAL_CLASSES},
         )
 
 
 def fuse_reader_boxes(
     boxes: list[tuple[str, tuple[float, float, float, float]]], n_readers: int, iou_threshold: float = IOU_THRESHOLD
-) -> tuple[list[tuple[tuple[float, float, float, float], int]], int]:
+) -> tuple[list[tuple[tuple[float, float, float, float], tuple[str, ...]]], int]:
     """Fuse one class's boxes from several readers of one image (the rule in the module docstring).
 
-    `boxes` are (reader, (x0, y0, x1, y1)). Returns ([(mean box, n readers)], n unconfirmed clusters).
+    `boxes` are (reader, (x0, y0, x1, y1)). Returns ([(mean box, its readers)], n unconfirmed clusters).
     """
     clusters: list[list[tuple[str, tuple[float, float, float, float]]]] = []
     for reader, box in sorted(boxes, key=lambda rb: rb[0]):
@@ -202,7 +249,7 @@ def fuse_reader_boxes(
             clusters.append([(reader, box)])
         else:
             best.append((reader, box))
-    kept = [(_mean_box(c), len(c)) for c in clusters if 2 * len(c) > n_readers]
+    kept = [(_mean_box(c), tuple(r for r, _ in c)) for c in clusters if 2 * len(c) > n_readers]
     return kept, len(clusters) - len(kept)
 
 
