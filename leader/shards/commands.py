@@ -1,7 +1,6 @@
 """`leader shards ...`: build a shard set from a dataset, and describe one."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections import Counter
@@ -48,6 +47,9 @@ def build(
         raise LeaderError(f"--healthy-ratio must be 0 or more, got {healthy_ratio}")
     if healthy_max_per_image < 1:
         raise LeaderError(f"--healthy-max-per-image must be at least 1, got {healthy_max_per_image}")
+    chosen = tuple(s for s in landmark_splits.split(",") if s)
+    if not set(chosen) <= {"train", "val", "test"}:
+        raise LeaderError(f"--landmark-splits {landmark_splits!r}: use train, val and test, comma-separated")
     settings = BuildSettings(
         dataset=dataset,
         root=str(root.resolve()) if root else None,
@@ -57,15 +59,12 @@ def build(
         seed=seed,
         n=n,
         max_reject_fraction=max_reject_fraction,
-        patch=PatchPlan(healthy_ratio=healthy_ratio, healthy_max_per_image=healthy_max_per_image),
+        patch=PatchPlan(healthy_ratio=healthy_ratio, healthy_max_per_image=healthy_max_per_image,
+                        landmark_splits=chosen),
         options=parse_key_values(option),
     )
     if root is not None and not root.exists():
         raise LeaderError(f"--root {root} does not exist")
-    chosen = tuple(s for s in landmark_splits.split(",") if s)
-    if not set(chosen) <= {"train", "val", "test"}:
-        raise LeaderError(f"--landmark-splits {landmark_splits!r}: use train, val and test, comma-separated")
-    settings = dataclasses.replace(settings, patch=dataclasses.replace(settings.patch, landmark_splits=chosen))
     start = time.perf_counter()
     with progress() as bar:
         task = bar.add_task(f"shards {dataset}", total=n, rate="")
