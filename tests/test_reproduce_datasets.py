@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch  # before anything that may import tensorflow
-import pytest
 import yaml
 
 from leader.shards.phantom import PhantomConfig, generate_case, phantom_index

@@ -157,7 +157,11 @@ def select(plan: Plan, only: list[str]) -> list[Step]:
     def wanted(step: Step) -> bool:
         return bool({step.name, step.stage, step.dataset, step.entry} & chosen)
 
-    return [s for s in plan.steps if wanted(s)]
+    selected = [s for s in plan.steps if wanted(s)]
+    if not selected:
+        raise LeaderError(f"--only {' '.join(only)} selects no step" + (
+            f" (not run: {', '.join(plan.not_run)})" if plan.not_run else ""))
+    return selected
 
 
 def step_status(step: Step, fingerprint: str, state: Path) -> str:
