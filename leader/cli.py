@@ -48,9 +48,15 @@ def version():
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer shows usage errors itself; a LeaderError becomes one line and exit 2."""
+    run(app, argv)
+
+
+def run(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run a typer app as the `leader` command: usage errors as typer shows them, a LeaderError as
+    one line and exit 2 (`--debug` re-raises it for the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        typer.main.get_command(app).main(args=argv, prog_name="leader", standalone_mode=True)
+        typer.main.get_command(typer_app).main(args=argv, prog_name="leader", standalone_mode=True)
     except LeaderError as e:
         if "--debug" in argv:
             raise

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from leader.errors import LeaderError
@@ -70,7 +69,7 @@ def precompute_command(
     if ctx.invoked_subcommand is not None:
         return
     if teacher is None or shards is None:
-        raise click.UsageError("leader precompute needs --teacher NAME and --shards DIR", ctx=ctx)
+        raise LeaderError("leader precompute needs --teacher NAME and --shards DIR (see leader precompute --help)")
     from leader.precompute.run import CacheLayout, Execution, missing_summary, precompute, resolve_teacher
     from leader.precompute.teachers import create_teacher
     from leader.progress import progress, rate_text
