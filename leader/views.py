@@ -23,6 +23,9 @@ Conventions, shared by every caller:
   first shrunk with the triangle filter of antialiased resizing (a mipmap) and then sampled once,
   so rendering at 512 px and then shrinking agrees with rendering straight at 224 px (see
   `warp_affine`).
+* Segmentation masks follow their image through `replay_mask_views`: the same geometry
+  (`view_theta`), sampled by nearest neighbour, and no photometric change, so a mask keeps its
+  labels and stays on the pixels it marks.
 """
 from __future__ import annotations
 
@@ -435,3 +438,31 @@ def replay_views(
     p = _as_host_params(params, x.shape[0])
     out = _photometric(warp_affine(x, view_theta(p), out_size), p)
     return out.contiguous(memory_format=memory_format)
+
+
+def replay_mask_views(masks: torch.Tensor | np.ndarray, params: torch.Tensor | np.ndarray, out_size: int) -> torch.Tensor:
+    """The geometry of view `params[b]` applied to mask `masks[b]`, nearest neighbour, at out x out.
+
+    masks: (B, 1, H, W) bool or integer (the bit-packed classes of `leader.shards.masks`), on any
+    device. Each output pixel takes the label of the input pixel under its centre, mapped through
+    the very affine that `replay_views` renders the image with, so image and mask stay aligned at
+    any out_size; outside the image is 0 (no class). Returns the input's dtype (uint16, which torch
+    barely supports, comes back as int32).
+    """
+    if isinstance(masks, np.ndarray):
+        masks = torch.from_numpy(np.require(masks, requirements=["C", "W"]).astype(
+            np.int32 if masks.dtype == np.uint16 else masks.dtype, copy=False))
+    if masks.dim() != 4 or masks.shape[1] != 1:
+        raise LeaderError(f"replay_mask_views: masks must be (B, 1, H, W), got {tuple(masks.shape)}")
+    if masks.is_floating_point():
+        raise LeaderError(f"replay_mask_views: masks must be bool or integer labels, got {masks.dtype}")
+    out_size = int(out_size)
+    if out_size < 1:
+        raise LeaderError(f"replay_mask_views: out_size must be positive, got {out_size}")
+    dtype = torch.int32 if masks.dtype == torch.uint16 else masks.dtype
+    theta = torch.from_numpy(view_theta(_as_host_params(params, masks.shape[0]))).to(masks.device, torch.float64)
+    # Labels up to 2^16 are exact in float32; nearest sampling only ever copies them.
+    values = masks.to(torch.int32).to(torch.float32)
+    grid = _affine_grid(theta, out_size).to(torch.float32)
+    out = F.grid_sample(values, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out.round_().to(dtype)

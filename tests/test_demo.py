@@ -75,6 +75,18 @@ def test_the_student_also_distils_from_the_extra_images_and_is_evaluated_on_the_
     assert str(out / "shards" / "phantom-extra") not in probe.read_text()
 
 
+def test_segmentation_fine_tunes_the_student_and_random_weights_on_the_same_labels(smoke_run):
+    out, _ = smoke_run
+    student = json.loads((out / "eval" / "segment" / "student" / "metrics.json").read_text())
+    random = json.loads((out / "eval" / "segment" / "random" / "metrics.json").read_text())
+    run = out / "students" / "student"
+    assert student["representation"] == f"run:{run}" and random["representation"] == f"random:run:{run}"
+    assert student["encoder"]["loaded"] > 0 and random["encoder"]["weights"] == "random"
+    assert student["fraction"] == random["fraction"] == 0.1 and student["target"] == "union"
+    assert student["fractions"]["0.1"]["training"][0]["n_train"] == random["fractions"]["0.1"]["training"][0]["n_train"]
+    assert "Dice (pooled)" in (out / "report.md").read_text()
+
+
 def test_rerun_skips_finished_steps_and_redoes_an_unfinished_one(smoke_run):
     out, _ = smoke_run
     (out / "state" / "report.json").unlink()            # as if killed while writing the report

@@ -11,8 +11,15 @@ from sklearn.metrics import roc_auc_score
 from leader.errors import LeaderError
 from leader.evaluate.anatomy import anatomy_metrics, knn_accuracy
 from leader.evaluate.compare import compare_metrics
-from leader.evaluate.linear_probe import ProbeFeatures, ProbeLabels, fit_logistic_grid, linear_probe
 from leader.evaluate.claims import check_claims, judge
+from leader.evaluate.linear_probe import (
+    ProbeFeatures,
+    ProbeLabels,
+    fit_logistic_grid,
+    fit_probe,
+    linear_probe,
+    probe_scores,
+)
 from leader.evaluate.report import render_report
 from leader.evaluate.representations import parse_representation
 from leader.evaluate.retrieval import retrieve
@@ -89,6 +96,20 @@ def test_averaging_ensemble_keeps_the_informative_member():
     alone = linear_probe([feats], labels, ["a", "b", "c"], n_boot=100)["auc_mean"]
     averaged = linear_probe([feats, noise], labels, ["a", "b", "c"], n_boot=100)["auc_mean"]
     assert 0.55 < averaged <= alone + 0.02
+
+
+def test_the_fitted_probe_as_one_linear_layer_scores_as_the_probe():
+    # What fine-tuning's head starts from (LP-FT): the selected probe with its standardisation folded in.
+    from scipy.special import expit
+
+    rng = np.random.default_rng(6)
+    feats, labels = toy_labels(rng)
+    feats = ProbeFeatures(*(3.0 * x + 1.0 for x in (feats.train, feats.val, feats.test)))   # far from standard
+    labels.train[:, 2] = 0                                         # "c" cannot be learned: it must score chance
+    probabilities, _, trainable = probe_scores(feats, labels, np.arange(len(labels.train)))
+    weight, bias = fit_probe(feats.train, labels.train, feats.val, labels.val)
+    assert weight.shape == (16, 3) and not trainable[2] and not weight[:, 2].any() and bias[2] == 0
+    np.testing.assert_allclose(expit(feats.test @ weight + bias), probabilities, atol=1e-9)
 
 
 def test_linear_probe_reports_classes_it_cannot_score():

@@ -36,7 +36,7 @@ def single_threaded():
 
 def normalise(views: torch.Tensor) -> torch.Tensor:
     """(B, 1, S, S) in [0, 1] -> (B, 3, S, S) ImageNet-normalised, as the timm teacher preprocesses."""
-    from leader.evaluate.finetune import IMAGENET_MEAN, IMAGENET_STD
+    from leader.network_input import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (views.expand(-1, 3, -1, -1) - mean) / std

@@ -14,10 +14,12 @@ from leader.shards.phantom import (
     DEFAULT_PREVALENCE,
     DISEASES,
     LANDMARKS,
+    MASK_CLASSES,
     PhantomConfig,
     describe_case,
     generate_case,
     phantom_index,
+    render_masks,
     render_sample_grid,
 )
 from leader.shards.records import RejectLog
@@ -107,6 +109,35 @@ def test_lesion_boxes_frame_visible_opacities():
         assert inside > 8 and abs(outside) < 1.0
 
 
+def test_masks_come_from_the_shapes_that_paint_the_findings():
+    for image_id in image_ids(60):
+        case = generate_case(image_id, 0, SMALL)
+        masks = render_masks(image_id, 0, SMALL)
+        assert set(masks) == set(MASK_CLASSES) and all(m.shape == (128, 128) for m in masks.values())
+        for label in DISEASES:
+            boxes = [b for b in case.boxes if b.label == label]
+            assert masks[label].any() == bool(boxes)
+            if not boxes:
+                continue
+            # Its box (both boxes, for a bilateral effusion) frames the mask, both measured on the
+            # finding's extent; the box is padded by up to a pixel. A plate thinner than the soft
+            # edge is measured at half its own peak, on two different grids: its ends may differ
+            # by a few pixels.
+            rows, cols = np.nonzero(masks[label])
+            mask_box = np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+            box = np.array([min(b.x0 for b in boxes), min(b.y0 for b in boxes),
+                            max(b.x1 for b in boxes), max(b.y1 for b in boxes)])
+            np.testing.assert_allclose(mask_box, box, atol=5.0 if label == "atelectasis" else 2.0)
+        # The painted lung fields are dark, the heart shadow between them bright.
+        lungs = masks["right_lung"] | masks["left_lung"]
+        assert case.image[lungs].mean() + 30 < case.image[masks["heart"]].mean()
+        assert not (masks["right_lung"] & masks["left_lung"]).any() and not (lungs & masks["heart"]).any()
+        # The patient's right lung lies on the image's left.
+        assert np.nonzero(masks["right_lung"])[1].mean() + 20 < np.nonzero(masks["left_lung"])[1].mean()
+        x, y = (int(v) for v in case.landmarks["right_costophrenic_angle"])
+        assert masks["right_lung"][max(y - 4, 0):y + 4, max(x - 4, 0):x + 4].any()
+
+
 def test_prevalence_is_configurable_per_disease():
     config = PhantomConfig(size=128, prevalence={**ONLY, "nodule": 0.5, "effusion": 0.15})
     labels = [describe_case(i, 0, config).labels for i in image_ids(200, config=config)]
@@ -182,6 +213,9 @@ def test_the_adapter_yields_records_that_render_lazily_in_any_process():
     assert (record.boxes, record.landmarks) == (case.boxes, case.landmarks)
     assert record.extra["anatomy"]["cardiothoracic_ratio"] == case.anatomy["cardiothoracic_ratio"]
     assert np.array_equal(pickle.loads(pickle.dumps(record.load))(), case.image)
+    layers = pickle.loads(pickle.dumps(record.masks))(128, 128)
+    assert adapter.mask_classes == list(layers.classes) == list(MASK_CLASSES)
+    assert np.array_equal(layers.planes["heart"], render_masks(record.image_id, 0, adapter.config)["heart"])
     assert sum(1 for _ in create_dataset("phantom", size=64).records(None, RejectLog(), seed=0, n=None)) == 1000
 
 

@@ -326,3 +326,17 @@ def test_the_paper_pipeline_plans_every_step_of_the_study(tmp_path):
     assert any(line.startswith("# problem: dataset nih14: root /data/nih14 not found") for line in lines)
     smoke = reproduce(REPO / "configs" / "paper.yaml", tmp_path / "smoke", profile="smoke", dry_run=True, echo=lambda _: None)
     assert "--n" in smoke.plan.step("shards-vindr").argv
+
+
+def test_fine_tuning_baselines_are_spelt_for_their_protocol(tmp_path):
+    # `random:STUDENT` is the student's run with random weights; `adam:TEACHER` a pipeline teacher's
+    # weights file; both wait for the step that makes what they name.
+    from leader.demo.pipeline import DEMO_PIPELINE
+
+    plan = plan_steps(load_pipeline(DEMO_PIPELINE, "full"), tmp_path)
+    steps = plan.by_name
+    random, adam = steps["eval-segment-random"], steps["eval-segment-anatomy-teacher"]
+    assert random.argv[random.argv.index("--repr") + 1] == f"random:run:{tmp_path / 'students' / 'student'}"
+    assert "train-student" in random.deps
+    assert adam.argv[adam.argv.index("--repr") + 1] == f"adam:{tmp_path / 'teachers' / 'anatomy.pth'}:test_resnet"
+    assert "teacher-anatomy" in adam.deps and "--fraction" in adam.argv

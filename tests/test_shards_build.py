@@ -186,6 +186,41 @@ def test_the_healthy_ratio_is_a_build_setting(tmp_path):
     assert refused.exit_code != 0 and "--healthy-ratio must be 0 or more" in str(refused.exception)
 
 
+def test_phantom_masks_ride_beside_their_images(phantom_shards):
+    from leader.shards.masks import decode_masks
+    from leader.shards.phantom import MASK_CLASSES
+
+    manifest = Manifest.load(phantom_shards)
+    assert manifest.mask_classes == list(MASK_CLASSES)
+    counts = manifest.extra["masks"]
+    assert counts["samples"] == 24 and counts["annotated"] == {c: 24 for c in MASK_CLASSES}
+    assert counts["positive"]["right_lung"] == 24
+    for sample in iter_samples(phantom_shards):
+        planes = decode_masks(sample.mask_png, manifest.mask_classes)
+        assert planes.shape == (len(MASK_CLASSES), *sample.image().shape)
+        assert sample.meta["mask"]["classes"] == manifest.mask_classes
+        assert sample.meta["mask"]["pixels"] == {c: int(p.sum()) for c, p in zip(MASK_CLASSES, planes)}
+        for disease, value in sample.meta["labels"].items():
+            assert planes[MASK_CLASSES.index(disease)].any() == (value == 1)
+    info = json.loads(runner.invoke(app, ["shards", "info", str(phantom_shards), "--json"]).stdout)
+    assert info["mask_classes"] == list(MASK_CLASSES) and info["masks"]["samples"] == 24
+
+
+def test_shard_sets_built_before_masks_still_load(tmp_path):
+    root = tmp_path / "csv"
+    for i in range(4):
+        write_png(root / "img" / f"{i}.png", i)
+    (root / "labels.csv").write_text("path,labels\n" + "".join(f"img/{i}.png,nodule\n" for i in range(4)))
+    out = tmp_path / "shards"
+    build_shards(BuildSettings(dataset="csv", root=str(root), size=32, seed=0), out)
+    # A manifest written before masks existed has no mask_classes at all.
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["mask_classes"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert Manifest.load(out).mask_classes == []
+    assert all(s.mask_png is None and "mask" not in s.meta for s in iter_samples(out))
+
+
 def write_png(path: Path, seed: int, size=(48, 40)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (np.random.default_rng(seed).random(size) * 255).astype(np.uint8)

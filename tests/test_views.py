@@ -14,10 +14,12 @@ from leader.views import (
     K,
     PARAM_NAMES,
     ViewSpec,
+    replay_mask_views,
     replay_views,
     sample_family_params,
     sample_view_params,
     view_param_families,
+    view_theta,
     views_compatible,
 )
 
@@ -275,6 +277,57 @@ def test_replay_rejects_bad_input():
     # Integer pixels of another range work once their white level is given.
     out = replay_views((img + 1000).int(), np.repeat(IDENTITY[None], 2, 0), 16, max_value=4000)
     torch.testing.assert_close(out, torch.full_like(out, 0.25))
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def bounding_box(plane: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(plane)
+    return np.array([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], float)
+
+
+def mapped_box(box, params: np.ndarray, in_size: int, out_size: int) -> np.ndarray:
+    """Where a box's corners land in the output, by inverting the view's output-to-input affine."""
+    theta = view_theta(params)[0]
+    x0, y0, x1, y1 = box
+    corners = np.array([[x0, y0], [x1, y0], [x0, y1], [x1, y1]], float) * 2 / in_size - 1
+    out = np.linalg.solve(theta[:, :2], (corners - theta[:, 2]).T).T
+    pixels = (out + 1) * out_size / 2
+    return np.concatenate([pixels.min(0), pixels.max(0)])
+
+
+@pytest.mark.parametrize("out_size", [96, 64, 150])
+def test_a_mask_moves_with_its_finding_through_a_view(out_size):
+    # A bright square finding and its mask (class bit 9 of a 16-bit mask), through a rotation,
+    # shear, zoom, shift and flip, rendered smaller, alike and larger than the stored image.
+    box = (50, 20, 70, 40)
+    image = torch.zeros(1, 1, 96, 96)
+    image[..., 20:40, 50:70] = 1.0
+    mask = np.zeros((1, 1, 96, 96), np.uint16)
+    mask[..., 20:40, 50:70] = 1 << 9
+    params = view(rotation_deg=20, tx=0.1, ty=-0.05, scale=1.2, shear_x_deg=4, hflip=1)
+    finding = replay_views(image, params, out_size)[0, 0].numpy() > 0.5
+    moved = replay_mask_views(mask, params, out_size)
+    assert moved.dtype == torch.int32 and set(np.unique(moved.numpy())) == {0, 1 << 9}   # labels, never blends
+    mask_box = bounding_box(moved[0, 0].numpy() > 0)
+    step = out_size / 96 * 1.2                     # one input pixel, in output pixels
+    np.testing.assert_allclose(mask_box, bounding_box(finding), atol=1 + step)
+    np.testing.assert_allclose(mask_box, mapped_box(box, params, 96, out_size), atol=1 + step)
+    # The identity keeps a mask as it is; its photometric parameters never touch a mask.
+    same = torch.from_numpy(mask.astype(np.int64))
+    assert torch.equal(replay_mask_views(same, view(brightness=0.3, gamma=2.0), 96), same)
+
+
+def test_mask_replay_takes_labels_only():
+    with pytest.raises(LeaderError, match="bool or integer labels"):
+        replay_mask_views(torch.zeros(1, 1, 8, 8), IDENTITY[None], 8)
+    with pytest.raises(LeaderError, match=r"\(B, 1, H, W\)"):
+        replay_mask_views(torch.zeros(1, 8, 8, dtype=torch.uint8), IDENTITY[None], 8)
+    wide = torch.zeros(1, 1, 32, 64, dtype=torch.bool)
+    wide[..., :, :32] = True                                   # stretched onto the canvas as images are
+    out = replay_mask_views(wide, IDENTITY[None], 32)[0, 0]
+    assert out.dtype == torch.bool and out[:, :16].all() and not out[:, 16:].any()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,6 +1,6 @@
 """`leader eval ...` and `leader report`, and the evaluation protocols each command runs.
 
-`eval_app` is a typer sub-app (linear-probe, retrieval, anatomy, finetune, compare); leader/cli.py
+`eval_app` is a typer sub-app (linear-probe, retrieval, anatomy, finetune, segment, compare); leader/cli.py
 adds it as `leader eval` and registers `report_command` as `leader report`. Each eval command
 writes metrics.json and its figures into --out and prints the headline number. Beside each command
 stands the registration of the protocol(s) it runs (`leader/evaluate/protocols.py`): the list that
@@ -19,13 +19,17 @@ from leader.errors import LeaderError
 from leader.evaluate.protocols import WEIGHTS, Protocol, register_protocol
 from leader.progress import progress
 
-eval_app = typer.Typer(help="Evaluate representations: linear probe, retrieval, anatomy, fine-tuning, compare.",
+eval_app = typer.Typer(help="Evaluate representations: linear probe, retrieval, anatomy, fine-tuning, segmentation, "
+                            "compare.",
                        no_args_is_help=True)
 
 SHARDS = typer.Option(..., "--shards", help="Shard set to evaluate on (its train/val/test splits are used).")
 CACHE = typer.Option(None, "--cache", help="Teacher cache for teacher: representations (default <shards>/cache.zarr).")
 DEVICE = typer.Option("cpu", "--device", help="Device for run: representations and fine-tuning (cpu, cuda).")
 REPR_HELP = "Representation: run:RUN[:disease|:anatomy], teacher:NAME or concat:A+B."
+INIT_HELP = ("Starting point: run:RUN (the student's backbone), export:DIR (a `leader export`), timm:ARCH[:CHECKPOINT] "
+             "(without a checkpoint: random weights), adam:CHECKPOINT[:ARCH] (the anatomy teacher), or random:<one of "
+             "these> (its architecture, random weights).")
 
 
 def parse_fractions(values: list[str]) -> list[float]:
@@ -55,6 +59,9 @@ LESION_PROBE = register_protocol(Protocol(
 FINETUNE = register_protocol(Protocol(
     "finetune", "finetune", "leader.evaluate.finetune:run_finetune", "full fine-tuning", secondary=("auc_std",),
     inputs=WEIGHTS))
+SEGMENT = register_protocol(Protocol(
+    "segment", "segment", "leader.evaluate.segment:run_segment", "segmentation fine-tuning (UperNet)",
+    secondary=("dice_per_image_mean", "iou_mean", "dice_std"), inputs=WEIGHTS))
 RETRIEVAL = register_protocol(Protocol(
     "retrieval", "retrieval", "leader.evaluate.retrieval:run_retrieval", "zero-shot disease retrieval",
     secondary=("precision_at_k_std", "k", "n_queries", "chance")))
@@ -124,7 +131,7 @@ def anatomy_command(
 @eval_app.command("finetune")
 def finetune_command(
     shards: Path = SHARDS,
-    repr_: str = typer.Option(..., "--repr", help="run:RUN (the student's backbone) or timm:ARCH[:CHECKPOINT]."),
+    repr_: str = typer.Option(..., "--repr", help=INIT_HELP),
     out: Path = typer.Option(..., "--out", help="Directory for metrics.json and auc_per_class.png."),
     fraction: List[str] = typer.Option(["1.0"], "--fraction", help="Training-label fractions (repeat or comma-separate)."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds (initialisation of the head, data order, subset)."),
@@ -134,18 +141,61 @@ def finetune_command(
     patience: int = typer.Option(5, "--patience", help="Stop after this many epochs without a better val AUC."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Input size (default: the run's, or 224)."),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random views of the training images."),
+    head_init: str = typer.Option("probe", "--head-init",
+                                  help="probe: start the head from the fitted linear probe (LP-FT); random: a fresh head."),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the test set for the 95% CI."),
     device: str = DEVICE,
 ):
-    """Full fine-tuning of a backbone with a linear head on the image labels (AdamW, cosine, early stopping)."""
+    """Full fine-tuning of a backbone with a linear head on the image labels (LP-FT, AdamW, cosine, early stopping)."""
     fractions = parse_fractions(fraction)
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("fine-tuning epochs", total=len(fractions) * seeds * epochs, rate="")
         metrics = FINETUNE(shards, [repr_], out, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
-                           augment=augment, fractions=fractions, seeds=seeds, image_size=image_size,
-                           device=device, n_boot=n_boot, on_epoch=lambda n: bar.advance(task, n))
+                           augment=augment, head_init=head_init, fractions=fractions, seeds=seeds,
+                           image_size=image_size, device=device, n_boot=n_boot,
+                           on_epoch=lambda n: bar.advance(task, n))
     _done(metrics, out, started)
+
+
+@eval_app.command("segment")
+def segment_command(
+    shards: Path = SHARDS,
+    repr_: str = typer.Option(..., "--repr", help=INIT_HELP),
+    out: Path = typer.Option(..., "--out", help="Directory for metrics.json and overlays.png."),
+    fraction: List[str] = typer.Option(["1.0"], "--fraction", help="Training-label fractions (repeat or comma-separate)."),
+    seeds: int = typer.Option(1, "--seeds", help="Seeds (decoder initialisation, data order, training subset)."),
+    target: str = typer.Option("union", "--target", help="union: one mask of any finding; per-class: one per class."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Mask classes, comma-separated (default: every "
+                                          "finding class; anatomy masks must be named)."),
+    size: Optional[int] = typer.Option(None, "--size", help="Input side, a multiple of 32 (default: the "
+                                       "representation's; this lab segments at 448)."),
+    epochs: int = typer.Option(50, "--epochs", help="Maximum epochs."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Images per step."),
+    lr: float = typer.Option(2e-4, "--lr", help="Encoder learning rate (the decoder uses --head-lr-scale times it)."),
+    head_lr_scale: float = typer.Option(10.0, "--head-lr-scale", help="The decoder's learning rate over the encoder's."),
+    patience: int = typer.Option(10, "--patience", help="Stop after this many epochs without a better val Dice."),
+    decoder_channels: int = typer.Option(256, "--decoder-channels", help="UperNet decoder width."),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="Random views of image and mask together."),
+    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the test images for the 95% CIs."),
+    device: str = DEVICE,
+):
+    """Segmentation fine-tuning: a UperNet whose encoder is the representation's backbone (Dice + BCE, early stopping)."""
+    fractions = parse_fractions(fraction)
+    chosen = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task("segmentation epochs", total=len(fractions) * seeds * epochs, rate="")
+        metrics = SEGMENT(shards, [repr_], out, fractions=fractions, seeds=seeds, target=target, classes=chosen,
+                          size=size, epochs=epochs, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
+                          patience=patience, decoder_channels=decoder_channels, augment=augment, device=device,
+                          n_boot=n_boot, on_epoch=lambda n: bar.advance(task, n))
+    names = metrics["classes"]
+    shown = ", ".join(names) if len(names) <= 3 else f"{len(names)} classes"
+    typer.echo(f"segment {metrics['representation']}: pooled Dice {metrics['dice_mean']:.4f} "
+               f"[{metrics['dice_ci95'][0]:.4f}, {metrics['dice_ci95'][1]:.4f}], mean per-image Dice "
+               f"{metrics['dice_per_image_mean']:.4f} ({metrics['target']} of {shown}; "
+               f"{time.perf_counter() - started:.1f} s) -> {out / 'metrics.json'}")
 
 
 @eval_app.command("compare")

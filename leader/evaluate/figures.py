@@ -1,4 +1,4 @@
-"""The evaluation figures: AUC per class, t-SNE of landmark patches, a retrieval grid.
+"""The evaluation figures: AUC per class, t-SNE of landmark patches, a retrieval grid, segmentation overlays.
 
 Figures are drawn on a bare `matplotlib.figure.Figure` (no pyplot, no global backend state, safe in
 any process) and written atomically as PNG.
@@ -81,6 +81,32 @@ def retrieval_grid(query: np.ndarray, query_label: str, retrieved: Sequence[np.n
         ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, edgecolor=colour, linewidth=4))
         ax.set_title(caption, fontsize=7)
         ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return save(fig, path)
+
+
+def segmentation_overlays(cases: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]], path: str | Path,
+                          title: str = "") -> Path:
+    """One row per case: the image, the truth over it (green) and the prediction over it (red).
+
+    cases: (image (S, S) in [0, 1], truth (S, S) bool, prediction (S, S) bool, caption).
+    """
+    fig = Figure(figsize=(6.0, 2.0 * max(1, len(cases)) + 0.3), layout="constrained")
+    for row, (image, truth, predicted, caption) in enumerate(cases):
+        for col, (mask, colour, name) in enumerate(((None, None, caption), (truth, CORRECT, "truth"),
+                                                    (predicted, WRONG, "prediction"))):
+            ax = fig.add_subplot(len(cases), 3, 3 * row + col + 1)
+            ax.imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
+            if mask is not None and mask.any():
+                from matplotlib.colors import to_rgba
+
+                overlay = np.zeros((*mask.shape, 4))
+                overlay[mask] = to_rgba(colour, 0.45)
+                ax.imshow(overlay)
+                ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linewidths=0.8)
+            ax.set_title(name, fontsize=7)
+            ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=8)
     return save(fig, path)

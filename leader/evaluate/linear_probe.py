@@ -108,33 +108,54 @@ class Standardiser:
         return (X - self.mean) / self.std
 
 
-def probe_scores(feats: ProbeFeatures, labels: ProbeLabels, train_index: np.ndarray,
-                 l2_grid=L2_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Train on `train_index`, select per class on val; -> (test probabilities (n_test, C),
-    selected l2 per class (C,), trainable mask (C,))."""
-    Y = labels.train[train_index]
-    trainable = np.array([np.nanmax(Y[:, c], initial=-1) == 1 and np.nanmin(Y[:, c], initial=2) == 0
-                          for c in range(Y.shape[1])])
-    scale = Standardiser(feats.train[train_index])
-    weight, bias = fit_logistic_grid(scale(feats.train[train_index]), Y, l2_grid)
+def _fit_and_select(train_X: np.ndarray, train_Y: np.ndarray, val_X: np.ndarray, val_Y: np.ndarray, l2_grid):
+    """Fit the whole L2 grid on training features, pick each class's strength on validation AUC.
 
-    def probabilities(X):
-        logits = np.einsum("nd,gdc->gnc", scale(X), weight) + bias[:, None, :]
-        return expit(logits)                                      # (G, n, C)
-
-    val_auc = np.stack([per_class_auc(p, labels.val) for p in probabilities(feats.val)])   # (G, C)
-    chosen = np.empty(Y.shape[1], dtype=int)
-    for c in range(Y.shape[1]):
+    -> (standardiser, weights (G, d, C), biases (G, C), chosen grid index per class (C,), trainable (C,)).
+    """
+    trainable = np.array([np.nanmax(train_Y[:, c], initial=-1) == 1 and np.nanmin(train_Y[:, c], initial=2) == 0
+                          for c in range(train_Y.shape[1])])
+    scale = Standardiser(train_X)
+    weight, bias = fit_logistic_grid(scale(train_X), train_Y, l2_grid)
+    val_logits = np.einsum("nd,gdc->gnc", scale(val_X), weight) + bias[:, None, :]
+    val_auc = np.stack([per_class_auc(expit(p), val_Y) for p in val_logits])   # (G, C)
+    chosen = np.empty(train_Y.shape[1], dtype=int)
+    for c in range(train_Y.shape[1]):
         if np.isnan(val_auc[:, c]).all():
             chosen[c] = int(np.argmin(np.abs(np.log10(np.asarray(l2_grid)) - np.log10(FALLBACK_L2))))
         else:
             # Ties go to the strongest penalty: scan from the end of the ascending grid.
             scores = np.nan_to_num(val_auc[::-1, c], nan=-1.0)
             chosen[c] = len(l2_grid) - 1 - int(np.argmax(scores))
-    test = probabilities(feats.test)
-    picked = test[chosen, :, np.arange(Y.shape[1])].T             # (n_test, C)
+    return scale, weight, bias, chosen, trainable
+
+
+def probe_scores(feats: ProbeFeatures, labels: ProbeLabels, train_index: np.ndarray,
+                 l2_grid=L2_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train on `train_index`, select per class on val; -> (test probabilities (n_test, C),
+    selected l2 per class (C,), trainable mask (C,))."""
+    scale, weight, bias, chosen, trainable = _fit_and_select(
+        feats.train[train_index], labels.train[train_index], feats.val, labels.val, l2_grid)
+    test = expit(np.einsum("nd,gdc->gnc", scale(feats.test), weight) + bias[:, None, :])   # (G, n, C)
+    picked = test[chosen, :, np.arange(len(chosen))].T             # (n_test, C)
     picked[:, ~trainable] = 0.5                                   # an unlearnable class scores chance
     return picked, np.asarray(l2_grid)[chosen], trainable
+
+
+def fit_probe(train_X: np.ndarray, train_Y: np.ndarray, val_X: np.ndarray, val_Y: np.ndarray,
+              l2_grid=L2_GRID) -> tuple[np.ndarray, np.ndarray]:
+    """The probe `probe_scores` selects, as one linear layer on the raw features: (weight (d, C), bias (C,)).
+
+    The standardisation is folded in, so sigmoid(X @ weight + bias) is the probe's probability. A
+    class that cannot be learned from these labels gets weight 0 and bias 0: it scores chance.
+    Fine-tuning starts its head from this (LP-FT).
+    """
+    scale, weight, bias, chosen, trainable = _fit_and_select(train_X, train_Y, val_X, val_Y, l2_grid)
+    classes = np.arange(len(chosen))
+    picked = weight[chosen, :, classes].T / scale.std[:, None]      # (d, C), on raw features
+    offset = bias[chosen, classes] - scale.mean @ picked
+    picked[:, ~trainable], offset[~trainable] = 0.0, 0.0
+    return picked, offset
 
 
 def evaluable_classes(labels: ProbeLabels, class_names: list[str]) -> tuple[np.ndarray, dict[str, str]]:

@@ -16,9 +16,11 @@ The steps, in the order they run (each after every step it reads from):
 A teacher is precomputed over every dataset a student distils from and every dataset an
 evaluation reads it on (`teacher:NAME`, alone or inside `concat:`/`average:`). Representations
 name students by their pipeline name (`student`, `student:disease` for a head); they become
-`run:OUT/students/NAME[:HEAD]`. `average:A+B` becomes `--repr A --repr B --ensemble average`; any
-other representation (`teacher:`, `concat:`, `run:PATH`, `timm:ARCH[:CKPT]`, kinds added later)
-is passed to `--repr` as written, so a new protocol or representation needs no change here.
+`run:OUT/students/NAME[:HEAD]`; `random:student` is that run's architecture with random weights,
+and `adam:TEACHER` a pipeline teacher's weights file (made or given) as a fine-tuning start.
+`average:A+B` becomes `--repr A --repr B --ensemble average`; any other representation
+(`teacher:`, `concat:`, `run:PATH`, `timm:ARCH[:CKPT]`, kinds added later) is passed to `--repr` as
+written, so a new protocol or representation needs no change here.
 
 Flags that change only how a step runs, not what it makes (`--device`, `--workers`,
 `--decode-threads`), are kept apart (`run_flags`) so that moving to a GPU reruns nothing.
@@ -317,7 +319,7 @@ def _eval_step(e: Evaluation, rep: Representation, pipeline: Pipeline, layout: L
     deps = [f"shards-{e.dataset}"]
     inputs = []
     for _, needs, reads in resolved:
-        deps += [n if n.startswith("train-") else f"precompute-{n}-{e.dataset}" for n in needs]
+        deps += [n if n.startswith(("train-", "teacher-")) else f"precompute-{n}-{e.dataset}" for n in needs]
         inputs += reads
     return Step(f"eval-{e.name}-{rep.label}", "eval", e.dataset, tuple(argv), tuple(dict.fromkeys(deps)), tuple(inputs),
                 (out,), ("file", out / "metrics.json"), run_flags=tuple(flags(run)), gpus=gpus, entry=e.name)
@@ -355,6 +357,18 @@ def resolve_representation(text: str, pipeline: Pipeline, layout: Layout) -> tup
             raise LeaderError(f"{pipeline.path}: representation {text!r} names no teacher of this pipeline "
                               f"({', '.join(pipeline.teachers) or 'none'})")
         return text, [rest], []
+    if kind == "random":                        # the same architecture with random weights (fine-tuning baselines)
+        inner, needs, reads = resolve_representation(rest, pipeline, layout)
+        return f"random:{inner}", needs, reads
+    if kind == "adam" and rest in pipeline.teachers:
+        # A pipeline teacher's own weights as a fine-tuning starting point: its file, its architecture.
+        teacher = pipeline.teachers[rest]
+        model = layout.teacher(teacher.make.output) if teacher.make is not None else teacher.model
+        arch = teacher.options.get("arch")
+        spelled = f"adam:{model}" + (f":{arch}" if arch else "")
+        if teacher.make is not None:
+            return spelled, [f"teacher-{rest}"], []
+        return spelled, [], [Input("weights", Path(model), f"representation {text}: teacher {rest}'s weights")]
     if kind == "run":
         return text, [], [Input("run", Path(rest), f"representation {text}: run folder")]
     if kind == "timm":

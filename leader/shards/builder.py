@@ -1,7 +1,7 @@
 """Build WebDataset shards from a dataset adapter's records.
 
     records (adapter) -> healthy-patch plan (a first pass over the records, no pixels read)
-    records (adapter) -> load + check + scale annotations + resize + encode (worker pool, in order)
+    records (adapter) -> load + check + scale annotations + resize + encode, masks too (worker pool, in order)
                       -> duplicate check, patch plan, item rows (main process, in order)
                       -> shard-NNNNNN.tar (atomic) + per-shard state -> keys.txt, rejects.jsonl -> manifest.json
 
@@ -42,6 +42,7 @@ from leader.shards.balance import (
 )
 from leader.shards.frames import frame_scale, scale_box, scale_points
 from leader.shards.manifest import KEYS_NAME, MANIFEST_NAME, REJECTS_NAME, Manifest, ShardEntry
+from leader.shards.masks import MaskError, count_masks, merge_mask_counts, new_mask_counts, store_masks
 from leader.shards.png import encode_png
 from leader.shards.patches import (
     PatchPlan,
@@ -106,6 +107,7 @@ class Prepared:
     png: bytes
     meta: dict
     diseased_fractions: list[float]
+    mask_png: bytes | None = None
 
 
 @dataclass
@@ -221,6 +223,14 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
         return Rejected(index, where, f"split {rec.split!r} is not one of {SPLITS}", rec.key)
     stored = resize_long_side(img, settings.size)
     h, w = stored.shape
+    mask_png = mask_meta = None
+    if rec.masks is not None:
+        try:
+            # Drawn in the annotation frame, like the boxes; resized by nearest neighbour to the stored size.
+            layers = rec.masks(*(rec.frame or (height, width)))
+            mask_png, mask_meta = store_masks(layers, (height, width), (h, w), settings.png_compression)
+        except MaskError as e:
+            return Rejected(index, where, f"bad mask: {e}", rec.key)
     patches = diseased_patches(boxes, w, h, settings.patch)
     meta = {
         "key": rec.key,
@@ -245,8 +255,10 @@ def prepare(job: tuple[int, SourceRecord, BuildSettings]) -> Prepared | Rejected
         "rows": None,
         "extra": rec.extra,
     }
+    if mask_meta is not None:
+        meta["mask"] = mask_meta
     fractions = [(p["box"][2] - p["box"][0]) / max(w, h) for p in patches]
-    return Prepared(index, rec.key, encode_png(stored, settings.png_compression), meta, fractions)
+    return Prepared(index, rec.key, encode_png(stored, settings.png_compression), meta, fractions, mask_png)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,6 +329,7 @@ class ShardBuilder:
                 self.histogram.add(f)
         row_start = self.next_row
         keys, label_counts, splits, counts = [], {}, {}, {}
+        mask_counts = new_mask_counts()
         buf = io.BytesIO()
         with wds.TarWriter(buf, encoder=False, mtime=0) as sink:
             for p in samples:
@@ -338,7 +351,11 @@ class ShardBuilder:
                 for label, v in meta["labels"].items():
                     c = label_counts.setdefault(label, {"pos": 0, "neg": 0, "unknown": 0})
                     c["pos" if v == 1 else "neg" if v == 0 else "unknown"] += 1
-                sink.write({"__key__": p.key, "json": json.dumps(meta, ensure_ascii=False).encode(), "png": p.png})
+                sample = {"__key__": p.key, "json": json.dumps(meta, ensure_ascii=False).encode(), "png": p.png}
+                if p.mask_png is not None:
+                    sample["mask.png"] = p.mask_png
+                    count_masks(mask_counts, meta["mask"])
+                sink.write(sample)
         data = buf.getvalue()
         atomic_write_bytes(self.out / name, data)
         state = {
@@ -356,6 +373,7 @@ class ShardBuilder:
             "label_counts": label_counts,
             "splits": splits,
             "counts": tally_rejects(counts, rejects, self.healthy_plan),
+            "mask_counts": mask_counts,
             "landmark_names": list(self.landmark_names),
         }
         # The state is written after the tar: a state file always describes a complete shard.
@@ -453,6 +471,12 @@ class ShardBuilder:
         dataset = self.s.name or self.s.dataset
         notes = [*getattr(self.adapter, "notes", []),
                  *shortfall_notes(counts, dataset, self.s.patch.healthy_max_per_image)]
+        mask_classes = list(getattr(self.adapter, "mask_classes", None) or [])
+        masks = merge_mask_counts([s.get("mask_counts") for s in self.completed], mask_classes)
+        if masks["samples"] and not mask_classes:
+            raise RuntimeError(f"adapter {self.s.dataset!r} gives masks but declares no mask_classes")
+        if mask_classes:
+            masks["notes"] = dict(getattr(self.adapter, "mask_notes", None) or {})
         manifest = Manifest(
             root=self.out,
             dataset=dataset,
@@ -473,6 +497,8 @@ class ShardBuilder:
             source_class_names=list(getattr(self.adapter, "source_class_names", [])),
             class_sets={name: c.to_dict() for name, c in getattr(self.adapter, "class_sets", {}).items()},
             notes=notes,
+            extra={"masks": masks} if mask_classes else {},
+            mask_classes=mask_classes,
         )
         atomic_write_json(self.out / MANIFEST_NAME, manifest.to_dict())
         shutil.rmtree(self.state_dir, ignore_errors=True)

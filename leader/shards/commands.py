@@ -187,6 +187,8 @@ def summarize(manifest) -> dict:
         "overlap_note": manifest.overlap_note,
         "class_sets": {name: c["names"] for name, c in manifest.class_sets.items()},
         "notes": manifest.notes,
+        "mask_classes": manifest.mask_classes,
+        "masks": manifest.extra.get("masks"),
     }
 
 
@@ -207,6 +209,10 @@ def print_summary(summary: dict) -> None:
         for name, c in summary["labels"].items():
             table.add_row(name, str(c["pos"]), str(c["neg"]), str(c["unknown"]))
         console.print(table)
+    if summary.get("mask_classes"):
+        masks = summary["masks"] or {}
+        console.print(f"masks: {masks.get('samples', 0)} samples, classes (bit order) "
+                      + ", ".join(summary["mask_classes"]) + f"; {masks.get('clipped_polygons', 0)} polygons clipped")
     for reason, count in summary["reject_reasons"].items():
         console.print(f"  rejected {count}: {reason}")
     if summary["healthy_target"] is not None and (summary["healthy_target"] or summary["healthy_candidates"]):

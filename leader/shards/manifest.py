@@ -71,6 +71,7 @@ class Manifest:
     source_class_names: list[str] = field(default_factory=list)   # the dataset's own class names
     class_sets: dict[str, dict] = field(default_factory=dict)     # e.g. "paper" (leader.shards.class_sets)
     notes: list[str] = field(default_factory=list)                # what the build wants the user to know
+    mask_classes: list[str] = field(default_factory=list)    # bit order of `<key>.mask.png`; [] = no masks
 
     # ---- reading -------------------------------------------------------------------------
     @classmethod
@@ -115,6 +116,7 @@ class Manifest:
             source_class_names=list(d.get("source_class_names") or []),
             class_sets=d.get("class_sets") or {},
             notes=list(d.get("notes") or []),
+            mask_classes=list(d.get("mask_classes") or []),     # sets built before masks have none
         )
 
     def to_dict(self) -> dict:
@@ -126,6 +128,7 @@ class Manifest:
             "landmark_names": self.landmark_names,
             "has_boxes": self.has_boxes,
             "has_landmarks": self.has_landmarks,
+            "mask_classes": self.mask_classes,
             "overlap_note": self.overlap_note,
             "build": self.build,
             "n_samples": self.n_samples,

@@ -65,12 +65,16 @@ DEFAULT_PREVALENCE: dict[str, float] = {
     "pneumothorax": 0.07,
 }
 
+# Segmentation masks: one per finding class, then the anatomy the anatomy tasks can use.
+ANATOMY_MASKS: tuple[str, ...] = ("right_lung", "left_lung", "heart")
+MASK_CLASSES: tuple[str, ...] = DISEASES + ANATOMY_MASKS
+
 _IMAGE_ID = re.compile(r"^(P\d{6})-s(\d+)$")
 
 
 __all__ = [
-    "DEFAULT_PREVALENCE", "DISEASES", "LANDMARKS", "CaseDescription", "PhantomCase", "PhantomConfig",
-    "describe_case", "generate_case", "phantom_index", "render_sample_grid",
+    "DEFAULT_PREVALENCE", "DISEASES", "LANDMARKS", "MASK_CLASSES", "CaseDescription", "PhantomCase",
+    "PhantomConfig", "describe_case", "generate_case", "phantom_index", "render_masks", "render_sample_grid",
 ]
 
 
@@ -789,6 +793,34 @@ def generate_case(image_id: str, seed: int, config: PhantomConfig | None = None)
     description = _describe(plan, seed, config)
     image = _render(plan, seed, config)
     return PhantomCase(**{f.name: getattr(description, f.name) for f in fields(description)}, image=image)
+
+
+def render_masks(image_id: str, seed: int, config: PhantomConfig | None = None) -> dict[str, np.ndarray]:
+    """(size, size) bool masks of a case: every class of `MASK_CLASSES` (empty where absent).
+
+    They come from the shapes that paint the image. A finding's mask is where its extent (the
+    function that paints it and measures its box) reaches the level its box is measured at, within
+    the window it is painted in; a lung is where the painted lung field's signed distance is
+    positive; the heart is the heart shadow above the diaphragm, which is also cardiomegaly's extent.
+    """
+    config = config or PhantomConfig()
+    plan = _plan(image_id, seed, config)
+    size = config.size
+    strip = _Strip(size, plan.pose, 0, size)
+    masks = {name: np.zeros((size, size), dtype=bool) for name in MASK_CLASSES}
+    for finding in plan.findings:
+        win = strip.window(finding.bbox)
+        if win is None:
+            continue
+        _, paint = _FINDINGS[finding.label]
+        _, extent = paint(plan.anatomy, finding, strip.x[win], strip.y[win], strip.edge)
+        extent = np.broadcast_to(extent, strip.x[win].shape)
+        masks[finding.label][win] |= extent >= min(0.5, 0.5 * float(extent.max())) + 1e-6
+    for side, name in ((-1, "right_lung"), (1, "left_lung")):
+        masks[name] = _lung_margin(plan.anatomy, side, strip.x, strip.y) > 0
+    heart = Finding("cardiomegaly", 0, (-1.0, -1.0, 1.0, 1.0), {})
+    masks["heart"] = _paint_cardiomegaly(plan.anatomy, heart, strip.x, strip.y, strip.edge)[1] >= 0.5
+    return masks
 
 
 # ---------------------------------------------------------------------------------------------

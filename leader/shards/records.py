@@ -51,6 +51,11 @@ class SourceRecord:
     healthy: bool = False
     frame: tuple[int, int] | None = None                  # (height, width) the annotations are given in
     source_classes: dict[str, int | None] | None = None   # the dataset's own class names, coded as labels
+    # Segmentation masks, for adapters with `mask_classes`: called in a build worker with the
+    # annotation frame's (height, width) (the loaded file's when `frame` is None), it returns a
+    # `leader.shards.masks.ClassMasks` or raises `MaskError` (the sample is then rejected with that
+    # reason). It must pickle, as `load` does.
+    masks: Callable[[int, int], object] | None = None
 
     @property
     def key(self) -> str:

@@ -101,6 +101,8 @@ def check_record(record: SourceRecord, adapter) -> None:
     json.dumps(record.source_labels)
     json.dumps(record.extra)
     pickle.dumps(record.load)  # loads run in worker processes
+    if record.masks is not None:
+        pickle.dumps(record.masks)  # and so do masks
 
 
 def build_with_cli(name: str, root: Path, out: Path, *extra: str, size: int = 64):

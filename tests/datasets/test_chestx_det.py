@@ -1,17 +1,26 @@
-"""ChestX-Det: two JSON annotation lists, official train/test, 13 classes with boxes."""
+"""ChestX-Det: two JSON annotation lists, official train/test, 13 classes with boxes and polygons."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from leader.errors import LeaderError
 from leader.shards.class_sets import HARMONISED, SOURCE, ClassSelection, select_classes
 from leader.shards.datasets import create_dataset
+from leader.shards.masks import decode_masks, fill_polygon
 
 from .fixtures_files import build_with_cli, check_record, collect, radiograph, reject_reasons, write_json, write_png
 
 
-def entry(name, syms=(), boxes=()):
-    return {"file_name": name, "syms": list(syms), "boxes": [list(b) for b in boxes], "polygons": [[[0, 0], [1, 1]]] * len(syms)}
+def diamond(box):
+    """The outline a reader might draw inside a box: its four edge midpoints."""
+    x0, y0, x1, y1 = box
+    return [[(x0 + x1) / 2, y0], [x1, (y0 + y1) / 2], [(x0 + x1) / 2, y1], [x0, (y0 + y1) / 2]]
+
+
+def entry(name, syms=(), boxes=(), polygons=None):
+    polygons = [[[1, 1], [9, 1], [5, 9]]] * len(syms) if polygons is None else polygons
+    return {"file_name": name, "syms": list(syms), "boxes": [list(b) for b in boxes], "polygons": polygons}
 
 
 @pytest.fixture()
@@ -138,3 +147,46 @@ def test_class_selection_reads_chestx_dets_own_13_classes(chestx_det_root, tmp_p
         select_classes(manifest, ["Nodule", "Hernia"])
     with pytest.raises(LeaderError, match="no class set or class 'chexpert5'; class sets: all, paper"):
         select_classes(manifest, "chexpert5")
+
+
+def test_polygons_become_one_bit_per_class_and_bad_ones_are_rejected(tmp_path):
+    from leader.shards.masks import resize_nearest
+
+    # Polygons are in the 1024 px frame of the released images; these files are 96 px copies.
+    root = tmp_path / "ChestX-Det"
+    overlapping = [[100, 100], [600, 100], [600, 600], [100, 600]]
+    past_the_edge = [[700, 700], [1200, 700], [1200, 1200], [700, 1200]]
+    train = [
+        entry("300.png", ["Mass", "Nodule", "Effusion"], [[100, 100, 600, 600], [300, 300, 800, 800], [700, 700, 1024, 1024]],
+              [overlapping, diamond([300, 300, 800, 800]), past_the_edge]),
+        entry("301.png"),                                                          # no finding: an empty mask
+        entry("302.png", ["Mass"], [[10, 10, 20, 20]], [[[2000, 2000], [2100, 2000], [2050, 2100]]]),   # wholly outside
+        entry("303.png", ["Mass"], [[10, 10, 20, 20]], [[[1, 1], [5, 5]]]),                            # two points
+        entry("304.png", ["Mass"], [[10, 10, 20, 20]], []),                                             # count differs
+    ]
+    write_json(root / "ChestX_Det_train.json", train)
+    write_json(root / "ChestX_Det_test.json", [])
+    for i, name in enumerate(["300", "301", "302", "303", "304"]):
+        write_png(root / "train" / f"{name}.png", radiograph(96, seed=i))
+    (root / "test").mkdir()
+    samples, manifest, rejects = build_with_cli("chestx-det", root, tmp_path / "out", "--max-reject-fraction", "1", size=96)
+
+    def stored(points):          # rasterised in the frame, then resized by nearest neighbour
+        return resize_nearest(fill_polygon(np.array(points, float), 1024, 1024), (96, 96))
+
+    assert len(manifest.mask_classes) == 13 and {"nodule", "diffuse_nodule"} <= set(manifest.mask_classes)
+    planes = dict(zip(manifest.mask_classes, decode_masks(samples["300"].mask_png, manifest.mask_classes)))
+    assert np.array_equal(planes["mass"], stored(overlapping))
+    assert np.array_equal(planes["nodule"], stored(diamond([300, 300, 800, 800])))
+    assert (planes["mass"] & planes["nodule"]).sum() > 300          # overlapping findings keep both bits
+    assert np.array_equal(planes["effusion"], stored(past_the_edge)) and planes["effusion"][-1, -1]   # clipped
+    assert samples["300"].meta["mask"]["clipped_polygons"] == 1
+    assert not decode_masks(samples["301"].mask_png, manifest.mask_classes).any()
+    assert samples["301"].meta["mask"]["classes"] == manifest.mask_classes     # annotated, nothing found
+
+    assert manifest.extra["masks"]["clipped_polygons"] == 1
+    assert manifest.extra["masks"]["positive"]["mass"] == 1 and manifest.extra["masks"]["annotated"]["mass"] == 2
+    reasons = {r["path"]: r["reason"] for r in rejects}
+    assert "polygon 0 ('mass') lies wholly outside the 1024x1024 image" in reasons["train/302.png"]
+    assert "has 2 points; a polygon needs at least 3" in reasons["train/303.png"]
+    assert reasons["train/304.png"].endswith("1 syms but 0 polygons")

@@ -112,3 +112,21 @@ def test_cli_build_makes_landmark_patches_for_held_out_images(landmarks_root, tm
     for s in samples.values():
         assert (s.meta["patches"] == []) == (s.meta["split"] == "train")
     assert len(rejects) == 3
+
+
+def test_contours_become_lung_and_heart_masks(landmarks_root, tmp_path):
+    from leader.shards.masks import decode_masks, fill_polygon, resize_nearest
+
+    samples, manifest, _ = build_with_cli("cxr-landmarks", landmarks_root, tmp_path / "out", "--max-reject-fraction", "1",
+                                          size=SIDE)
+    assert manifest.mask_classes == ["right_lung", "left_lung", "heart"]
+    right, left, heart = decode_masks(samples["JPCLN001"].mask_png, manifest.mask_classes)
+
+    def stored(corners, n):      # rasterised on the 1024 px frame, then resized by nearest neighbour
+        return resize_nearest(fill_polygon(contour(corners, n) * (1024 / SIDE), 1024, 1024), (SIDE, SIDE))
+
+    assert np.array_equal(right, stored(RIGHT_LUNG, 44)) and np.array_equal(heart, stored(HEART, 26))
+    assert right[:, : SIDE // 2].sum() == right.sum() and left[:, SIDE // 2:].sum() == left.sum()
+    # Shenzhen images have no heart contour: their heart is unknown, not empty.
+    assert samples["CHNCXR_0001_0"].meta["mask"]["classes"] == ["right_lung", "left_lung"]
+    assert manifest.extra["masks"]["annotated"] == {"right_lung": 3, "left_lung": 3, "heart": 2}

@@ -100,3 +100,38 @@ def test_cli_build(jsrt_root, tmp_path):
     reasons = {r["path"]: r["reason"] for r in rejects}
     assert "raw file has 8192 bytes" in reasons["NonNodule93images/JPCNN003.IMG"]
     assert len(rejects) == 4
+
+
+def write_gif(path, mask: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+
+
+def test_scr_masks_are_stored_when_their_folder_is_given(jsrt_root, tmp_path):
+    # SCR's masks are 1024 px for JSRT's 2048 px images, one GIF per object, in two folds.
+    right_lung = np.zeros((1024, 1024), bool)
+    right_lung[200:800, 150:450] = True           # the raw image's right lung field, at half size
+    heart = np.zeros((1024, 1024), bool)
+    heart[500:800, 400:700] = True
+    scr = tmp_path / "scr"
+    write_gif(scr / "scratch" / "fold1" / "masks" / "right lung" / "JPCLN001.gif", right_lung)
+    write_gif(scr / "scratch" / "fold1" / "masks" / "heart" / "JPCLN001.gif", heart)
+    write_gif(scr / "scratch" / "fold2" / "masks" / "heart" / "JPCNN001.gif", np.zeros((1024, 900), bool))  # wrong shape
+    samples, manifest, rejects = build_with_cli("jsrt", jsrt_root, tmp_path / "out", "--max-reject-fraction", "1",
+                                                "--option", f"scr_masks={scr}")
+    assert manifest.mask_classes == ["right_lung", "left_lung", "heart", "right_clavicle", "left_clavicle"]
+    sample = samples["JPCLN001"]
+    assert sample.meta["mask"]["classes"] == ["right_lung", "heart"]            # the others were not drawn
+    from leader.shards.masks import decode_masks
+
+    stored_lung, stored_heart = decode_masks(sample.mask_png, manifest.mask_classes, ["right_lung", "heart"])
+    assert np.array_equal(stored_lung, right_lung[8::16, 8::16])              # 1024 -> 64, nearest
+    assert np.array_equal(stored_heart, heart[8::16, 8::16])
+    # The mask marks the image's dark lung field (a stored 64 px pixel covers raw rows 32k..32k+31).
+    assert sample.image()[stored_lung].mean() < sample.image()[~stored_lung].mean()
+    reasons = {r["path"]: r["reason"] for r in rejects}
+    assert "mask of the wrong size: the 'heart' mask is 900x1024, the image 2048x2048" in reasons["NonNodule93images/JPCNN001.IMG"]
+    with pytest.raises(LeaderError, match="scr_masks=nowhere is not a folder"):
+        collect("jsrt", jsrt_root, adapter=create_dataset("jsrt", scr_masks="nowhere"))

@@ -10,9 +10,16 @@ zips, unpacked)::
       test/<file_name>.png        (or test_data/test/, or test_data/)
 
 Each JSON file is a list of ``{"file_name", "syms": [...], "boxes": [[x0, y0, x1, y1], ...],
-"polygons": [...]}`` with ``syms[i]`` naming ``boxes[i]``, in the pixels of the 1024x1024 images
-(the record's frame; resized copies get their boxes scaled). Polygons (segmentation outlines)
-are not used.
+"polygons": [...]}`` with ``syms[i]`` naming ``boxes[i]`` and ``polygons[i]`` (a list of ``[x, y]``
+points, the finding's outline), in the pixels of the 1024x1024 images (the record's frame; resized
+copies get their boxes and masks scaled).
+
+Masks: each polygon is rasterised in the 1024x1024 frame (pixel centres inside, even-odd rule) into
+the mask of its class, named as written in snake case (``diffuse_nodule`` and ``nodule`` stay
+apart: 13 classes, so the mask PNG is 16-bit), then resized to the stored image by nearest
+neighbour. Findings overlap, and each class has its own bit. A polygon partly outside the image is
+clipped and counted (``extra.masks.clipped_polygons`` in the manifest); one wholly outside rejects
+its image. An entry without ``polygons`` gets no mask.
 
 Labels: every image is annotated for all 13 classes, so a class not among its ``syms`` is 0.
 "Diffuse Nodule" and "Nodule" both map to ``nodule``; each box keeps its ChestX-Det class as its
@@ -29,8 +36,8 @@ Splits: the official train/test files; ``val`` is carved patient-wise out of tra
 name without ``.png``) stands in for the patient. All images come from NIH ChestX-ray14 (ids renumbered), so each record carries
 ``extra["also_in"] = ["nih14"]``.
 
-An entry whose syms/boxes cannot be parsed, names an unknown class, or repeats a file name is
-rejected whole: keeping the rest of its boxes would let a healthy patch be cut over an unboxed
+An entry whose syms/boxes/polygons cannot be parsed, names an unknown class, or repeats a file
+name is rejected whole: keeping the rest of its boxes would let a healthy patch be cut over an unboxed
 lesion.
 """
 from __future__ import annotations
@@ -46,6 +53,7 @@ from leader.shards.class_sets import SOURCE, ClassSet
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, read_json_file, require_root
 from leader.shards.imageio import read_image
+from leader.shards.masks import MaskError, check_polygon, polygon_masks
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import carve_val, ordered
 
@@ -65,6 +73,7 @@ CLASSES = {
     "Pneumothorax": "pneumothorax",
 }
 
+MASK_CLASSES = tuple(name.lower().replace(" ", "_") for name in CLASSES)
 FRAME = (1024, 1024)   # the released images; boxes and polygons are in their pixels
 ANNOTATIONS = {"train": "ChestX_Det_train.json", "test": "ChestX_Det_test.json"}
 # How the image zips unpack, depending on the tool and the mirror; the nested form first, since
@@ -85,6 +94,7 @@ class ChestXDet:
 
     name = "chestx-det"
     label_names = ordered(set(CLASSES.values()) | {"no_finding"})
+    mask_classes = list(MASK_CLASSES)
     has_boxes = True
     has_landmarks = False
     overlap_note = "ChestX-Det images are a subset of NIH ChestX-ray14 (renumbered file names)"
@@ -116,6 +126,7 @@ class ChestXDet:
                         raise _EntryError(f"duplicate entry for {file_name!r}")
                     seen.add(file_name)
                     boxes, names = parse_findings(entry)
+                    polygons = parse_polygons(entry, names)
                 except _EntryError as e:
                     rejects.add(where, f"{filename} entry {i}: {e}")
                     continue
@@ -139,6 +150,8 @@ class ChestXDet:
                     healthy=not names,
                     frame=FRAME,
                     source_classes={name: int(name in names) for name in CLASSES},
+                    masks=None if polygons is None else functools.partial(polygon_masks, MASK_CLASSES, polygons,
+                                                                          MASK_CLASSES),
                 )
 
 
@@ -181,3 +194,21 @@ def parse_findings(entry: dict) -> tuple[list[Box], list[str]]:
             raise _EntryError(f"box for {name!r} has unparseable numbers: {coords!r}")
         boxes.append(Box(CLASSES[name], *numbers, source_label=name))
     return boxes, syms
+
+
+def parse_polygons(entry: dict, names: list[str]) -> list[tuple[str, list]] | None:
+    """(mask class, points) per finding, None for an entry without polygons, or `_EntryError`."""
+    if "polygons" not in entry:
+        return None
+    polygons = entry["polygons"]
+    if not isinstance(polygons, list) or len(polygons) != len(names):
+        count = len(polygons) if isinstance(polygons, list) else type(polygons).__name__
+        raise _EntryError(f"{len(names)} syms but {count} polygons")
+    out = []
+    for name, points in zip(names, polygons):
+        try:
+            points = check_polygon(points, f"polygon for {name!r}").tolist()
+            out.append((MASK_CLASSES[list(CLASSES).index(name)], points))
+        except MaskError as e:
+            raise _EntryError(str(e)) from None
+    return out

@@ -33,6 +33,10 @@ heart_top                       the heart contour's highest point
 Images without heart points get the six lung landmarks only. There are no finding labels
 (``label_names`` is empty) and no boxes.
 
+Masks: the contours are closed polygons, rasterised into the masks ``right_lung``, ``left_lung``
+and ``heart`` (pixel centres inside). An image without heart points has no heart mask: its heart
+is unknown, not absent, and the sample's ``mask.classes`` lists only the lungs.
+
 Splits: no official split; patient-wise (70/15/15) with the image id as the patient (the source
 sets have one image per patient). Provenance from the file name: ``JPC*`` images are JSRT,
 ``CHNCXR_*`` Shenzhen, ``MCUCXR_*`` Montgomery, anything else PadChest; records carry it in
@@ -54,6 +58,7 @@ from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_image
+from leader.shards.masks import polygon_masks
 from leader.shards.records import RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
 
@@ -68,6 +73,9 @@ LANDMARK_NAMES = (
 )
 
 
+MASK_CLASSES = ("right_lung", "left_lung", "heart")
+
+
 class _PointsError(ValueError):
     pass
 
@@ -78,6 +86,7 @@ class CxrLandmarks:
 
     name = "cxr-landmarks"
     label_names: list[str] = []
+    mask_classes = list(MASK_CLASSES)
     has_boxes = False
     has_landmarks = True
     overlap_note = "Its images come from JSRT, Shenzhen, Montgomery and PadChest (flagged per image in extra.also_in)"
@@ -119,7 +128,16 @@ class CxrLandmarks:
                 landmarks=named_landmarks(right, left, heart),
                 extra={"also_in": [source_dataset(image_id)], "has_heart": heart is not None},
                 frame=FRAME,
+                masks=functools.partial(polygon_masks, MASK_CLASSES, *contour_polygons(right, left, heart)),
             )
+
+
+def contour_polygons(right: np.ndarray, left: np.ndarray, heart: np.ndarray | None) -> tuple[list, tuple]:
+    """(polygons, annotated classes) of one image's contours."""
+    polygons = [("right_lung", right.tolist()), ("left_lung", left.tolist())]
+    if heart is not None:
+        polygons.append(("heart", heart.tolist()))
+    return polygons, tuple(name for name, _ in polygons)
 
 
 def source_dataset(image_id: str) -> str:

@@ -29,6 +29,19 @@ name without ``.IMG``) stands in for the patient. All 247 images are also annota
 cxr-landmarks set (as ``JPCLN001.png`` ...), so each record carries
 ``extra["also_in"] = ["cxr-landmarks"]``; NODE21 also includes JSRT images (which is not published).
 
+Masks (``--option scr_masks=DIR``): the SCR database (van Ginneken et al.), the lung fields, heart
+and clavicles drawn on every JSRT image, as distributed::
+
+    DIR/fold1/masks/{right lung,left lung,heart,right clavicle,left clavicle}/JPCLN001.gif ...
+    DIR/fold2/masks/...                (any depth: DIR/scratch/fold1/masks/... is found as well)
+
+The GIFs are 1024x1024 (half JSRT's side) with the object white; they are stored as the masks
+``right_lung``, ``left_lung``, ``heart``, ``right_clavicle`` and ``left_clavicle`` (the patient's
+sides, as SCR names them) at the stored image's size. An image with some of its GIFs missing is
+annotated for the others only; an unreadable GIF, or one of another aspect ratio than the image,
+rejects its image; two GIFs for one object of one image are an error. A relative DIR is looked up from
+the working directory, then from ``--root``.
+
 Rejected: a listed case whose .IMG cannot be found, an .IMG listed in neither file, and a
 CLNDAT row whose size or coordinates cannot be parsed.
 """
@@ -41,10 +54,13 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import require_root
 from leader.shards.imageio import read_raw
+from leader.shards.masks import ClassMasks, MaskError
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import patient_split
 
@@ -52,6 +68,10 @@ SIDE = 2048
 PIXEL_MM = 0.175
 NODULE_FIELDS = ("file_name", "subtlety", "size_mm", "age", "sex", "x", "y", "malignancy", "location", "diagnosis")
 NON_NODULE_FIELDS = ("file_name", "age", "sex", "diagnosis")
+# SCR's folder names -> mask classes, in bit order.
+SCR_OBJECTS = {"right lung": "right_lung", "left lung": "left_lung", "heart": "heart",
+               "right clavicle": "right_clavicle", "left clavicle": "left_clavicle"}
+SCR_CLASSES = tuple(SCR_OBJECTS.values())
 
 
 class _RowError(ValueError):
@@ -68,6 +88,10 @@ class JSRT:
     has_landmarks = False
     overlap_note = "All JSRT images are annotated in cxr-landmarks; NODE21 also includes JSRT images"
 
+    def __init__(self, scr_masks: str | None = None):
+        self.scr_masks = scr_masks
+        self.mask_classes = list(SCR_CLASSES) if scr_masks else []
+
     def records(self, root: Path | None, rejects: RejectLog, *, seed: int, n: int | None) -> Iterator[SourceRecord]:
         root = require_root(
             root, f"jsrt: --root must be the folder that holds CLNDAT_EN.txt, CNNDAT_EN.txt and the .IMG files; got {root}")
@@ -77,9 +101,11 @@ class JSRT:
         if not images:
             raise LeaderError(f"jsrt: found no .IMG files under {root}")
         cases = read_cases(nodule_file, NODULE_FIELDS) + read_cases(non_nodule_file, NON_NODULE_FIELDS)
-        return itertools.islice(self._emit(root, cases, images, rejects, seed), n)
+        masks = index_scr_masks(find_scr_folder(self.scr_masks, root)) if self.scr_masks else {}
+        return itertools.islice(self._emit(root, cases, images, masks, rejects, seed), n)
 
-    def _emit(self, root: Path, cases, images: dict[str, Path], rejects: RejectLog, seed: int) -> Iterator[SourceRecord]:
+    def _emit(self, root: Path, cases, images: dict[str, Path], masks: dict[str, dict[str, str]], rejects: RejectLog,
+              seed: int) -> Iterator[SourceRecord]:
         listed = set()
         for list_name, line, fields in sorted(cases, key=lambda c: c[2]["file_name"].upper()):
             key = fields["file_name"].upper()
@@ -114,6 +140,7 @@ class JSRT:
                 extra={"also_in": ["cxr-landmarks"]},
                 healthy=not is_nodule,
                 frame=(SIDE, SIDE),
+                masks=functools.partial(read_scr_masks, masks[image_id.upper()]) if image_id.upper() in masks else None,
             )
         for key in sorted(set(images) - listed):
             rejects.add(images[key].relative_to(root).as_posix(), "listed in neither CLNDAT_EN.txt nor CNNDAT_EN.txt")
@@ -176,3 +203,42 @@ def nodule_box(fields: dict) -> Box:
     half = numbers["size_mm"] / PIXEL_MM / 2
     x, y = numbers["x"], numbers["y"]
     return Box("nodule", x - half, y - half, x + half, y + half)
+
+
+def find_scr_folder(option: str, root: Path) -> Path:
+    folder = Path(option).expanduser()
+    if not folder.is_dir() and not folder.is_absolute() and (root / folder).is_dir():
+        folder = root / folder
+    if not folder.is_dir():
+        raise LeaderError(f"jsrt: --option scr_masks={option} is not a folder (expected the SCR folder with fold1/masks/...)")
+    return folder
+
+
+def index_scr_masks(folder: Path) -> dict[str, dict[str, str]]:
+    """Upper-case image id -> {mask class: GIF path} for every SCR mask below `folder`."""
+    masks: dict[str, dict[str, str]] = {}
+    for gif in sorted(p for p in folder.rglob("*") if p.suffix.lower() == ".gif" and p.is_file()):
+        name = SCR_OBJECTS.get(gif.parent.name.lower())
+        if name is None:
+            continue
+        per_image = masks.setdefault(gif.stem.upper(), {})
+        if name in per_image:
+            raise LeaderError(f"jsrt: two SCR {gif.parent.name} masks for {gif.stem}: {per_image[name]} and {gif}")
+        per_image[name] = str(gif)
+    if not masks:
+        raise LeaderError(f"jsrt: no SCR masks under {folder} (expected fold1/masks/right lung/JPCLN001.gif, ...)")
+    return masks
+
+
+def read_scr_masks(files: dict[str, str], height: int, width: int) -> ClassMasks:
+    """The SCR GIFs of one image as masks (white = the object)."""
+    from PIL import Image
+
+    planes = {}
+    for name, file in files.items():
+        try:
+            with Image.open(file) as gif:
+                planes[name] = np.asarray(gif.convert("L")) > 127
+        except (OSError, ValueError) as e:
+            raise MaskError(f"unreadable SCR mask {file}: {e}") from None
+    return ClassMasks(SCR_CLASSES, planes)

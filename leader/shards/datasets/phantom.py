@@ -1,8 +1,9 @@
 """phantom: the procedural chest radiographs that `leader demo` runs on (leader.shards.phantom).
 
 No files are read: `--root` is ignored and `n` (default 1000) sets the number of images. Labels,
-boxes, landmarks and patient-wise splits come from the generator's geometry at once; pixels are
-rendered later, by `load`, in the builder's worker processes. `load` is a partial of a
+boxes, landmarks and patient-wise splits come from the generator's geometry at once; pixels and
+masks (every finding class, then right_lung, left_lung and heart) are rendered later, by `load`
+and `masks`, in the builder's worker processes. `load` is a partial of a
 module-level function of (image id, seed, config), so it pickles and regenerates the same bytes
 in any process.
 
@@ -24,7 +25,17 @@ import numpy as np
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
-from leader.shards.phantom import DISEASES, LANDMARKS, PhantomConfig, describe_case, generate_case, phantom_index
+from leader.shards.masks import ClassMasks
+from leader.shards.phantom import (
+    DISEASES,
+    LANDMARKS,
+    MASK_CLASSES,
+    PhantomConfig,
+    describe_case,
+    generate_case,
+    phantom_index,
+    render_masks,
+)
 from leader.shards.records import RejectLog, SourceRecord
 
 DEFAULT_N = 1000
@@ -34,6 +45,10 @@ def render_phantom_image(image_id: str, seed: int, config: PhantomConfig) -> np.
     return generate_case(image_id, seed, config).image
 
 
+def phantom_masks(image_id: str, seed: int, config: PhantomConfig, height: int, width: int) -> ClassMasks:
+    return ClassMasks(MASK_CLASSES, render_masks(image_id, seed, config))
+
+
 @register_dataset("phantom")
 class PhantomDataset:
     """Procedural PA chest radiographs with findings, boxes, landmarks and patients."""
@@ -41,6 +56,7 @@ class PhantomDataset:
     name = "phantom"
     label_names = list(DISEASES)
     landmark_names = list(LANDMARKS)
+    mask_classes = list(MASK_CLASSES)
     has_boxes = True
     has_landmarks = True
     overlap_note = None
@@ -74,4 +90,5 @@ class PhantomDataset:
                 extra={"study": case.study, "anatomy": case.anatomy},
                 healthy=not any(case.labels.values()),
                 frame=(self.config.size, self.config.size),
+                masks=functools.partial(phantom_masks, image_id, seed, self.config),
             )
