@@ -179,6 +179,27 @@ def test_lesion_level_probe_and_both_ensembles(bench):
     assert result.exit_code != 0 and "--ensemble average" in str(result.exception)
 
 
+def test_a_class_list_changes_the_averaged_set(bench):
+    shards, out = bench / "shards", bench / "eval"
+    invoke("linear-probe", "--shards", shards, "--repr", "teacher:disease", "--out", out / "probe-all", "--n-boot", "50")
+    invoke("linear-probe", "--shards", shards, "--repr", "teacher:disease", "--out", out / "probe-two",
+           "--classes", "effusion,pneumothorax", "--n-boot", "50")
+    everything, two = read(out / "probe-all"), read(out / "probe-two")
+    assert (everything["class_set"], two["class_set"]) == ("all", "a list")
+    assert two["classes"] == ["effusion", "pneumothorax"] and len(everything["classes"]) > 2
+    # The same probes per class (fitted jointly, so to the solver's tolerance); the average follows the set.
+    for c in two["classes"]:
+        assert two["auc_per_class"][c] == pytest.approx(everything["auc_per_class"][c], abs=0.02)
+    assert two["auc_mean"] == pytest.approx(np.mean(list(two["auc_per_class"].values())))
+    invoke("linear-probe", "--shards", shards, "--repr", "teacher:disease", "--level", "lesion",
+           "--out", out / "lesion-two", "--classes", "nodule,mass", "--n-boot", "50")
+    lesion = read(out / "lesion-two")
+    assert set(lesion["classes"]) | set(lesion["skipped_classes"]) == {"nodule", "mass"}     # a class lacking test boxes is skipped, by name
+    result = runner.invoke(eval_app, ["linear-probe", "--shards", str(shards), "--repr", "teacher:disease",
+                                      "--classes", "paper", "--out", str(out / "x")])
+    assert result.exit_code != 0 and "no class set or class 'paper'" in str(result.exception)
+
+
 def test_representations_name_what_is_wrong(bench):
     from leader.errors import LeaderError
     from leader.evaluate.representations import features

@@ -267,3 +267,17 @@ def test_a_non_square_image_and_its_mask_are_stretched_onto_one_square_alike():
     np.testing.assert_array_equal(packed[:, :16] != 0, True)
     np.testing.assert_array_equal(packed[:, 16:] != 0, False)
     assert square[:, :15].min() > 190 and square[:, 17:].max() < 10
+
+
+def test_a_class_set_names_mask_classes_in_their_spelling():
+    from types import SimpleNamespace
+
+    from leader.evaluate.segment import requested_mask_classes
+
+    manifest = SimpleNamespace(
+        dataset="chestx-det", label_names=["nodule", "mass"], source_class_names=["Diffuse Nodule", "Mass"],
+        class_sets={"paper": {"names": ["Diffuse Nodule", "Mass"], "labels": "source", "about": ""}},
+        mask_classes=["diffuse_nodule", "mass", "right_lung"])
+    assert requested_mask_classes(manifest, "paper") == ["diffuse_nodule", "mass"]
+    assert requested_mask_classes(manifest, "mass, right_lung") == ["mass", "right_lung"]
+    assert requested_mask_classes(manifest, None) is None and requested_mask_classes(manifest, "all") is None

@@ -26,6 +26,8 @@ eval_app = typer.Typer(help="Evaluate representations: linear probe, retrieval, 
 SHARDS = typer.Option(..., "--shards", help="Shard set to evaluate on (its train/val/test splits are used).")
 CACHE = typer.Option(None, "--cache", help="Teacher cache for teacher: representations (default <shards>/cache.zarr).")
 DEVICE = typer.Option("cpu", "--device", help="Device for run: representations and fine-tuning (cpu, cuda).")
+CLASSES_HELP = ("Classes to average: all (default), a class set the shards name (paper: the paper's classes of the "
+                "dataset), or a comma-separated list.")
 REPR_HELP = "Representation: run:RUN[:disease|:anatomy], teacher:NAME or concat:A+B."
 INIT_HELP = ("Starting point: run:RUN (the student's backbone), export:DIR (a `leader export`), timm:ARCH[:CHECKPOINT] "
              "(without a checkpoint: random weights), adam:CHECKPOINT[:ARCH] (the anatomy teacher), or random:<one of "
@@ -79,6 +81,7 @@ def linear_probe_command(
     fraction: List[str] = typer.Option(["1.0"], "--fraction", help="Training-label fractions (repeat or comma-separate)."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds (each draws its own training subset)."),
     ensemble: Optional[str] = typer.Option(None, "--ensemble", help="average: average the probes of several --repr."),
+    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the test set for the 95% CI."),
     cache: Optional[Path] = CACHE,
     device: str = DEVICE,
@@ -89,7 +92,7 @@ def linear_probe_command(
     with progress() as bar:
         task = bar.add_task("linear probe fits", total=len(fractions) * seeds, rate="")
         metrics = LINEAR_PROBE(shards, repr_, out, level=level, fractions=fractions, seeds=seeds,
-                               ensemble=ensemble, cache=cache, device=device, n_boot=n_boot,
+                               ensemble=ensemble, classes=classes, cache=cache, device=device, n_boot=n_boot,
                                on_fit=lambda: bar.advance(task))
     _done(metrics, out, started)
 
@@ -143,6 +146,7 @@ def finetune_command(
     augment: bool = typer.Option(True, "--augment/--no-augment", help="Random views of the training images."),
     head_init: str = typer.Option("probe", "--head-init",
                                   help="probe: start the head from the fitted linear probe (LP-FT); random: a fresh head."),
+    classes: Optional[str] = typer.Option(None, "--classes", help=CLASSES_HELP),
     n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the test set for the 95% CI."),
     device: str = DEVICE,
 ):
@@ -153,7 +157,7 @@ def finetune_command(
         task = bar.add_task("fine-tuning epochs", total=len(fractions) * seeds * epochs, rate="")
         metrics = FINETUNE(shards, [repr_], out, epochs=epochs, batch_size=batch_size, lr=lr, patience=patience,
                            augment=augment, head_init=head_init, fractions=fractions, seeds=seeds,
-                           image_size=image_size, device=device, n_boot=n_boot,
+                           image_size=image_size, classes=classes, device=device, n_boot=n_boot,
                            on_epoch=lambda n: bar.advance(task, n))
     _done(metrics, out, started)
 
@@ -166,8 +170,8 @@ def segment_command(
     fraction: List[str] = typer.Option(["1.0"], "--fraction", help="Training-label fractions (repeat or comma-separate)."),
     seeds: int = typer.Option(1, "--seeds", help="Seeds (decoder initialisation, data order, training subset)."),
     target: str = typer.Option("union", "--target", help="union: one mask of any finding; per-class: one per class."),
-    classes: Optional[str] = typer.Option(None, "--classes", help="Mask classes, comma-separated (default: every "
-                                          "finding class; anatomy masks must be named)."),
+    classes: Optional[str] = typer.Option(None, "--classes", help="Mask classes: comma-separated, or a class set "
+                                          "such as paper (default: every finding class; anatomy masks must be named)."),
     size: Optional[int] = typer.Option(None, "--size", help="Input side, a multiple of 32 (default: the "
                                        "representation's; this lab segments at 448)."),
     epochs: int = typer.Option(50, "--epochs", help="Maximum epochs."),
@@ -182,11 +186,10 @@ def segment_command(
 ):
     """Segmentation fine-tuning: a UperNet whose encoder is the representation's backbone (Dice + BCE, early stopping)."""
     fractions = parse_fractions(fraction)
-    chosen = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     started = time.perf_counter()
     with progress() as bar:
         task = bar.add_task("segmentation epochs", total=len(fractions) * seeds * epochs, rate="")
-        metrics = SEGMENT(shards, [repr_], out, fractions=fractions, seeds=seeds, target=target, classes=chosen,
+        metrics = SEGMENT(shards, [repr_], out, fractions=fractions, seeds=seeds, target=target, classes=classes,
                           size=size, epochs=epochs, batch_size=batch_size, lr=lr, head_lr_scale=head_lr_scale,
                           patience=patience, decoder_channels=decoder_channels, augment=augment, device=device,
                           n_boot=n_boot, on_epoch=lambda n: bar.advance(task, n))

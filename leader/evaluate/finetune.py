@@ -43,6 +43,8 @@ from leader.evaluate.items import ItemTable, label_matrix, patient_subset, read_
 from leader.evaluate.linear_probe import ProbeLabels, evaluable_classes, fit_probe
 from leader.evaluate.results import write_metrics
 from leader.evaluate.stats import auc_summary, per_class_auc
+from leader.shards.class_sets import SOURCE, select_classes
+from leader.shards.manifest import Manifest
 from leader.evaluate.tuning import Recipe, fit, predict
 from leader.views import IDENTITY, replay_views
 
@@ -200,7 +202,7 @@ def finetune(source: BackboneSource, data: FinetuneData, class_names: list[str],
 # On a shard set: `leader eval finetune`
 
 
-def load_finetune_data(shards_dir, class_names: list[str], image_size: int) -> FinetuneData:
+def load_finetune_data(shards_dir, class_names: list[str], image_size: int, source: bool = False) -> FinetuneData:
     table = ItemTable.load(shards_dir)
     items = {split: table.select(kind="image", split=split) for split in ("train", "val", "test")}
     for split, chosen in items.items():
@@ -209,29 +211,32 @@ def load_finetune_data(shards_dir, class_names: list[str], image_size: int) -> F
     pixels = read_images(shards_dir, [it.key for split in items for it in items[split]])
     return FinetuneData(
         images={s: torch.stack([render_identity(pixels[it.key], image_size) for it in items[s]]) for s in items},
-        labels={s: label_matrix(items[s], class_names) for s in items},
+        labels={s: label_matrix(items[s], class_names, source) for s in items},
         keys={s: [it.key for it in items[s]] for s in items},
         train_patients=np.array([it.patient for it in items["train"]]),
     )
 
 
 def run_finetune(shards_dir, backbone: str, out, *, fractions=(1.0,), seeds: int = 1, image_size: int | None = None,
-                 device: str = "cpu", n_boot: int = 1000, on_epoch: Callable[[int], None] | None = None,
+                 classes=None, device: str = "cpu", n_boot: int = 1000, on_epoch: Callable[[int], None] | None = None,
                  **recipe) -> dict:
-    """Fine-tune `backbone` on a shard set's image labels; recipe: FinetuneConfig's fields (epochs, lr, ...)."""
+    """Fine-tune `backbone` on a shard set's image labels; recipe: FinetuneConfig's fields (epochs, lr, ...).
+    classes: the labels to learn and average, as for the linear probe ("all", a class set, a list)."""
     unknown = sorted(set(recipe) - set(FinetuneConfig.__dataclass_fields__))
     if unknown:
         raise LeaderError(f"finetune: unknown setting(s) {unknown}; known: {sorted(FinetuneConfig.__dataclass_fields__)}")
     cfg = FinetuneConfig(**recipe)
     source = backbone_source(backbone, image_size)
-    class_names = ItemTable.load(shards_dir).label_names
-    data = load_finetune_data(shards_dir, class_names, source.image_size)
+    selection = select_classes(Manifest.load(shards_dir), classes)
+    class_names = selection.names
+    data = load_finetune_data(shards_dir, class_names, source.image_size, selection.labels == SOURCE)
     metrics = finetune(source, data, class_names, cfg, fractions=fractions, seeds=seeds, device=device,
                        n_boot=n_boot, on_epoch=on_epoch)
     out = Path(out)
     auc_bars({source.name: metrics["auc_per_class"]}, out / "auc_per_class.png",
              title=f"fine-tuned, fraction {metrics['fraction']:g}: {source.name}")
     metrics = {"protocol": "finetune", "representation": source.name, "shards": str(shards_dir),
+               "class_set": selection.preset or "a list", "class_labels": selection.labels,
                "samples": {"field": "per_seed", "over": "seeds"},
                "figures": {"auc_per_class": "auc_per_class.png"}, **metrics}
     write_metrics(out, metrics)

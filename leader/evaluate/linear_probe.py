@@ -37,6 +37,7 @@ from leader.evaluate.items import ItemTable, label_matrix, patient_subset, rows_
 from leader.evaluate.representations import features, parse_representation
 from leader.evaluate.results import write_metrics
 from leader.evaluate.stats import auc_summary, per_class_auc
+from leader.shards.class_sets import ALL, SOURCE, select_classes
 
 L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # What a paired claim compares between two representations probed on the same test set.
@@ -244,22 +245,28 @@ def linear_probe(
 LEVELS = ("image", "lesion")
 
 
-def lesion_targets(items, classes: list[str]) -> np.ndarray:
+def lesion_targets(items, classes: list[str], source: bool = False) -> np.ndarray:
     """One-vs-rest targets of patches: a diseased patch is positive for its lesion class and
     negative for the others; a healthy patch is negative for every class (there is no "normal"
-    class to score: healthy patches are the hard negatives)."""
+    class to score: healthy patches are the hard negatives), and so is a lesion of a class left out.
+    source: read each patch's class in the dataset's own names."""
     column = {name: c for c, name in enumerate(classes)}
     Y = np.zeros((len(items), len(classes)))
     for i, it in enumerate(items):
-        if it.kind == "diseased":
-            Y[i, column[it.label]] = 1.0
+        label = it.source_label if source else it.label
+        if it.kind == "diseased" and label in column:
+            Y[i, column[label]] = 1.0
     return Y
 
 
 def run_linear_probe(shards_dir, representations: list[str], out, *, level: str = "image",
-                     fractions=(1.0,), seeds: int = 1, ensemble: str | None = None, cache=None,
+                     fractions=(1.0,), seeds: int = 1, ensemble: str | None = None, classes=None, cache=None,
                      device: str = "cpu", n_boot: int = 1000, on_fit: Callable[[], None] | None = None) -> dict:
-    """Probe one representation (or average several with ensemble="average"); write metrics + figure."""
+    """Probe one representation (or average several with ensemble="average"); write metrics + figure.
+
+    classes: the classes averaged: None or "all" (every label; at lesion level every lesion class
+    present), a class set the manifest names (e.g. "paper"), or a list (see leader/shards/class_sets.py).
+    """
     if level not in LEVELS:
         raise LeaderError(f"--level must be one of {LEVELS}, got {level!r}")
     if ensemble not in (None, "average"):
@@ -272,17 +279,21 @@ def run_linear_probe(shards_dir, representations: list[str], out, *, level: str 
     name = str(reps[0]) if len(reps) == 1 else "average:" + "+".join(map(str, reps))
 
     table = ItemTable.load(shards_dir)
+    selection = select_classes(table.manifest, classes)
+    source = selection.labels == SOURCE
     kinds = "image" if level == "image" else ("diseased", "healthy")
     items = {split: table.select(kind=kinds, split=split) for split in ("train", "val", "test")}
     if level == "image":
-        class_names = table.label_names
-        targets = {s: label_matrix(items[s], class_names) for s in items}
+        class_names = selection.names
+        targets = {s: label_matrix(items[s], class_names, source) for s in items}
     else:
-        found = {it.label for s in items for it in items[s] if it.kind == "diseased"}
-        class_names = [c for c in table.label_names if c in found] + sorted(found - set(table.label_names))
+        class_names = selection.names
+        if selection.preset == ALL:
+            found = {it.label for s in items for it in items[s] if it.kind == "diseased"}
+            class_names = [c for c in table.label_names if c in found] + sorted(found - set(table.label_names))
         if not class_names:
             raise LeaderError(f"{shards_dir}: --level lesion needs diseased patches; these shards have none")
-        targets = {s: lesion_targets(items[s], class_names) for s in items}
+        targets = {s: lesion_targets(items[s], class_names, source) for s in items}
     all_rows = np.concatenate([rows_of(items[s]) for s in ("train", "val", "test")])
     bounds = np.cumsum([0] + [len(items[s]) for s in ("train", "val", "test")])
     per_rep = []
@@ -297,6 +308,7 @@ def run_linear_probe(shards_dir, representations: list[str], out, *, level: str 
              title=f"{level}-level linear probe, fraction {metrics['fraction']:g}: {name}")
     metrics = {"protocol": "linear-probe" if level == "image" else "linear-probe-lesion",
                "representation": name, "shards": str(shards_dir), "level": level,
+               "class_set": selection.preset or "a list", "class_labels": selection.labels,
                "ensemble": ensemble, "members": [str(r) for r in reps],
                "samples": {"field": "per_seed", "over": "seeds"},
                "figures": {"auc_per_class": "auc_per_class.png"}, **metrics}

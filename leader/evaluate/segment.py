@@ -48,6 +48,7 @@ from leader.evaluate.tuning import Recipe, autocast, fit, prepare_input
 from leader.evaluate.upernet import build_upernet
 from leader.shards.layout import iter_samples
 from leader.shards.manifest import Manifest
+from leader.shards.class_sets import ALL, select_classes
 from leader.shards.masks import decode_masks, finding_classes, pack_planes
 from leader.views import IDENTITY, replay_mask_views, replay_views
 
@@ -91,12 +92,32 @@ def choose_classes(shards_dir, mask_classes: list[str], requested: list[str] | N
     return findings
 
 
-def load_segment_data(shards_dir, classes: list[str] | None = None) -> SegmentData:
+def requested_mask_classes(manifest, classes: str | list[str] | None) -> list[str] | None:
+    """--classes as mask class names: a list, "a,b", or a class set the manifest names (e.g. "paper",
+    whose names are matched to the masks' spelling); None or "all" for the default."""
+    if classes is None or classes == ALL:
+        return None
+    if isinstance(classes, str) and classes in (manifest.class_sets or {}):
+        by_spelling = {mask_class_name(m): m for m in manifest.mask_classes}
+        names = select_classes(manifest, classes).names
+        missing = [n for n in names if mask_class_name(n) not in by_spelling]
+        if missing:
+            raise LeaderError(f"class set {classes!r} of {manifest.dataset} names classes without masks: {missing}")
+        return [by_spelling[mask_class_name(n)] for n in names]
+    return [c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes) if c.strip()]
+
+
+def mask_class_name(name: str) -> str:
+    """A class as masks spell it: ChestX-Det's "Diffuse Nodule" is the mask class diffuse_nodule."""
+    return name.strip().lower().replace(" ", "_")
+
+
+def load_segment_data(shards_dir, classes: str | list[str] | None = None) -> SegmentData:
     manifest = Manifest.load(shards_dir)
     if not manifest.mask_classes:
         raise LeaderError(f"{shards_dir} has no segmentation masks: it was built before leader stored masks, or its "
                           f"dataset ({manifest.dataset}) has none; rebuild it with `leader shards build` to segment")
-    chosen = choose_classes(shards_dir, manifest.mask_classes, classes)
+    chosen = choose_classes(shards_dir, manifest.mask_classes, requested_mask_classes(manifest, classes))
     images, masks, keys = ({s: [] for s in SPLITS} for _ in range(3))
     patients, left_out = [], {s: 0 for s in SPLITS}
     for sample in iter_samples(shards_dir):
@@ -282,7 +303,7 @@ def segment(source: BackboneSource, data: SegmentData, cfg: SegmentConfig, targe
 
 
 def run_segment(shards_dir, representation: str, out, *, fractions=(1.0,), seeds: int = 1, target: str = "union",
-                classes: list[str] | None = None, size: int | None = None, device: str = "cpu", n_boot: int = 1000,
+                classes: str | list[str] | None = None, size: int | None = None, device: str = "cpu", n_boot: int = 1000,
                 on_epoch: Callable[[int], None] | None = None, **recipe) -> dict:
     """Segment a shard set's masks from `representation`; recipe: SegmentConfig's fields. Writes OUT/metrics.json."""
     unknown = sorted(set(recipe) - set(SegmentConfig.__dataclass_fields__))
