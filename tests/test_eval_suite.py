@@ -180,7 +180,7 @@ def test_lesion_level_probe_and_both_ensembles(bench):
 
 
 def test_a_class_list_changes_the_averaged_set(bench):
-    shards, out = bench / "shards", bench / "eval"
+    shards, out = bench / "shards", bench / "classes"     # beside eval/, whose one-evaluation-per-cell report comes later
     invoke("linear-probe", "--shards", shards, "--repr", "teacher:disease", "--out", out / "probe-all", "--n-boot", "50")
     invoke("linear-probe", "--shards", shards, "--repr", "teacher:disease", "--out", out / "probe-two",
            "--classes", "effusion,pneumothorax", "--n-boot", "50")
