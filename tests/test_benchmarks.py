@@ -32,7 +32,7 @@ TOY = replace(
     disease=ModelSpec("test_resnet", None), anatomy=ModelSpec("test_convnext", 32),
     loader_workers=(0, 1), pipeline_workers=1, warmup_steps=1, timed_steps=2, precompute_batch=16,
     overhead_sweep=((0, False),),
-    scale_items=(1_000, 3_000), row_reads=10,
+    scale_items=(1_000, 3_000), row_reads=10, step_batches=(4, 8), stage_images=4, end_to_end_rounds=1,
 )
 
 

@@ -300,6 +300,8 @@ def place_on_canvas(img: np.ndarray, canvas: int, key: str = "") -> tuple[np.nda
     h, w = img.shape
     if h > canvas or w > canvas:
         raise LeaderError(f"sample {key!r}: image {w}x{h} exceeds the stored size {canvas} of its manifest")
+    if (h, w) == (canvas, canvas):                    # a square image fills its canvas: nothing to pad
+        return img[None], np.array([h, w], dtype=np.int64)
     out = np.zeros((1, canvas, canvas), dtype=img.dtype)
     out[0, :h, :w] = img
     return out, np.array([h, w], dtype=np.int64)
