@@ -93,7 +93,8 @@ def run(ctx: Context) -> list[Figure]:
     peak = dense_bf16_peak(gpu) if gpu else None
     ceiling = matmul_tflops(ctx.device) if cuda else None
     detail = {"student": p.student.arch, "student_px": p.student.input_size, "device": gpu or "cpu",
-              "gflop_per_image": round(flops_per_image / 1e9, 3), "dense_bf16_peak_tflops": peak,
+              "flop_per_image": round(flops_per_image), "gflop_per_image": round(flops_per_image / 1e9, 3),
+              "dense_bf16_peak_tflops": peak,
               "measured_bf16_matmul_tflops": round(ceiling, 1) if ceiling else None}
     for (b, c), r in rate.items():
         key = config_name(b, c).replace(" ", "_")

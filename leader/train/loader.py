@@ -373,13 +373,13 @@ class PhaseEpoch(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         batches = iter(wds.DataPipeline(*self.stages(info.id if info is not None else 0)))
-        return batches if info is None else _errors_as_items(batches)
+        return batches if info is None else errors_as_items(batches)
 
 
 WORKER_ERROR = "leader_error"
 
 
-def _errors_as_items(batches: Iterator[dict]) -> Iterator[dict]:
+def errors_as_items(batches: Iterator[dict]) -> Iterator[dict]:
     """In a DataLoader worker: a LeaderError travels to the training process as an item and is
     raised there as the same one line (torch would re-raise it with the worker's traceback inside
     its message, a wall of text where the user needs the damaged file's name)."""
