@@ -10,8 +10,10 @@ Both train a fresh copy of the same student (same seed, same loss and target nor
 same optimizer step: clipping and AdamW), one epoch of the same training images per round, the
 sides alternating round by round so that drift is shared. An epoch is timed from its first batch
 after the first round of workers' batches (their start-up, as in the loader benchmark) to its last
-step, synchronised, each step split into waiting for the batch and stepping; a second figure
-counts whole epochs, start-up included. Both sides take as many images per epoch, all from the
+step, with the device synchronised at those two points only, as leader's loop waits for the device
+only at log steps; the host's time per step is split into waiting for the batch and stepping (on
+a GPU, stepping is launching, or waiting once the device's queue is full). A second figure counts
+whole epochs, start-up included. Both sides take as many images per epoch, all from the
 training set (tests/test_benchmarks.py checks the sets of images seen).
 """
 from __future__ import annotations
@@ -100,7 +102,6 @@ class Side:
             got = time.perf_counter()
             train_step(batch)
             if i >= skip:
-                synchronize(device)
                 self.wait += got - asked
                 self.step += time.perf_counter() - got
             stems += names
