@@ -379,10 +379,11 @@ class PhaseEpoch(IterableDataset):
 WORKER_ERROR = "leader_error"
 
 
-def errors_as_items(batches: Iterator[dict]) -> Iterator[dict]:
-    """In a DataLoader worker: a LeaderError travels to the training process as an item and is
-    raised there as the same one line (torch would re-raise it with the worker's traceback inside
-    its message, a wall of text where the user needs the damaged file's name)."""
+def errors_as_items(batches: Iterator) -> Iterator:
+    """In a DataLoader worker (the trainer's, or precompute's): a LeaderError travels to the main
+    process as an item, {WORKER_ERROR: message}, and is raised there as the same one line (torch
+    would re-raise it with the worker's traceback inside its message, a wall of text where the
+    user needs the damaged file's name)."""
     try:
         yield from batches
     except LeaderError as e:
