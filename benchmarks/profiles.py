@@ -66,7 +66,8 @@ TINY_RESNET = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128], "stem_widt
 # 1024 -> 512), with small models. The quick run works at a quarter of the linear size (256 -> 128)
 # so that it fits 5 minutes on 2 shared cores, with 1536 training images: an epoch of 48 batches,
 # since one of 384 timed only 0.1 s of loading and two runs gave 2.65x and 3.28x for one loader
-# ratio. The full run works at half the linear size (512 -> 256), where the
+# ratio. Its end-to-end benchmark runs one epoch per side (30 s for two, of a 156 s suite, on
+# 2 busy cores). The full run works at half the linear size (512 -> 256), where the
 # disease teacher takes 128 px rather than the stored size to keep its precompute in minutes.
 CPU_QUICK = Profile(
     name="cpu-quick", original_size=256, stored_size=128, distinct_images=24, build_images=600,
@@ -75,6 +76,7 @@ CPU_QUICK = Profile(
     disease=ModelSpec("test_efficientnet", None), anatomy=ModelSpec("test_convnext", 64),
     loader_workers=(0, 1, 2), pipeline_workers=1, warmup_steps=2, timed_steps=6, precompute_batch=64,
     scale_items=(1_000, 100_000, 1_000_000), row_reads=100, step_batches=(16, 32, 64), stage_images=64,
+    end_to_end_rounds=1,
 )
 
 CPU_FULL = Profile(
