@@ -9,9 +9,10 @@ import sys
 import typer
 
 from leader.errors import LeaderError
-from leader.demo.commands import demo
+from leader.demo.commands import demo_app
 from leader.evaluate.commands import eval_app, report_command
 from leader.precompute.commands import cache_app, precompute_app
+from leader.reproduce.commands import reproduce_command
 from leader.shards.commands import app as shards_app
 from leader.train.commands import register as register_train
 
@@ -28,7 +29,8 @@ app.add_typer(cache_app, name="cache")
 register_train(app)
 app.add_typer(eval_app, name="eval")
 app.command("report")(report_command)
-app.command("demo")(demo)
+app.add_typer(demo_app, name="demo")
+app.command("reproduce")(reproduce_command)
 
 
 @app.callback()
@@ -46,9 +48,15 @@ def version():
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: typer shows usage errors itself; a LeaderError becomes one line and exit 2."""
+    run(app, argv)
+
+
+def run(typer_app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Run a typer app as the `leader` command: usage errors as typer shows them, a LeaderError as
+    one line and exit 2 (`--debug` re-raises it for the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        typer.main.get_command(app).main(args=argv, prog_name="leader", standalone_mode=True)
+        typer.main.get_command(typer_app).main(args=argv, prog_name="leader", standalone_mode=True)
     except LeaderError as e:
         if "--debug" in argv:
             raise

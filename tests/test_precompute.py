@@ -404,3 +404,16 @@ def test_teacher_choice_from_roles_config_and_flags(tmp_path):
     config.write_text("teachers:\n  anatomy: {weights: a.pth}\n")
     with pytest.raises(LeaderError, match="teachers.anatomy must be a mapping with kind, model and options"):
         resolve_teacher("anatomy", config=config)
+
+
+def test_view_ranges_are_chosen_on_the_command_line_and_shared_by_a_caches_teachers(shards, adam, tmp_path):
+    path = tmp_path / "cache.zarr"
+    args = ["--teacher", "anatomy", "--kind", "adam", "--model", str(adam), "--option", "arch=resnet18",
+            "--option", "input_size=32", "--shards", str(shards), "--cache", str(path), "--views", "2",
+            "--patch-size", "48", "--batch-size", "4"]
+    out = CliRunner().invoke(precompute_app, args + ["--view", "brightness=0.2", "--view", "contrast=0.4"])
+    assert out.exit_code == 0, out.output
+    spec = TeacherCache.open(path).view_spec
+    assert (spec.brightness, spec.contrast, spec.rotation_deg) == (0.2, 0.4, ViewSpec().rotation_deg)
+    again = CliRunner().invoke(precompute_app, args + ["--view", "brightness=0.3"])
+    assert again.exit_code != 0 and "made with another view spec" in str(again.exception)

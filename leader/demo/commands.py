@@ -1,63 +1,82 @@
-"""`leader demo`: the typer command (leader/cli.py registers it as `app.command("demo")(demo)`)."""
+"""`leader demo` and `leader demo teacher` (leader/cli.py adds `demo_app` as `leader demo`)."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import List
 
 import typer
 
 from leader.errors import LeaderError
 
+demo_app = typer.Typer(help="The whole pipeline on the built-in phantom (no downloads, no GPU).",
+                       invoke_without_command=True, no_args_is_help=False)
 
+
+@demo_app.callback(invoke_without_command=True)
 def demo(
+    ctx: typer.Context,
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for the shards, teachers, students, evaluations and report."),
     smoke: bool = typer.Option(False, "--smoke", help="A tiny run of every step (CI); its claims may fail at that size."),
     full: bool = typer.Option(False, "--full", help="Add the paper's ablations: single-branch students and the averaging ensemble."),
 ):
     """The whole pipeline on the built-in phantom: shards, teachers, precompute, train, evaluate, report. Resumes when rerun."""
+    if ctx.invoked_subcommand is not None:
+        return
     from leader.demo.pipeline import run_demo, step_seconds
-    from leader.progress import console, progress, rate_text
+    from leader.progress import console
+    from leader.reproduce.commands import ProgressView
 
     if smoke and full:
         raise LeaderError("--smoke and --full exclude each other: --full adds ablations at the default size")
     profile = "smoke" if smoke else "full" if full else "default"
     started = time.perf_counter()
-    with progress("steps") as bar:
-        overall = bar.add_task(f"demo ({profile})", total=None, rate="")
-        current = {"task": None, "t0": 0.0}
-
-        def on_step(index: int, total: int, step, skipped: bool) -> None:
-            bar.update(overall, completed=index, total=total)
-            if current["task"] is not None:
-                bar.remove_task(current["task"])
-                current["task"] = None
-            if skipped:
-                console.print(f"[dim]{index + 1}/{total} {step.title}: done earlier, skipped[/]")
-                return
-            current["task"] = bar.add_task(f"  {step.title}", total=None, rate="")
-            current["t0"] = time.perf_counter()
-
-        def on_progress(done: int, total: int) -> None:
-            if current["task"] is not None:
-                bar.update(current["task"], completed=done, total=total,
-                           rate=rate_text(done, time.perf_counter() - current["t0"], "it"))
-
-        result = run_demo(out, profile, on_step=on_step, on_progress=on_progress)
-        if current["task"] is not None:
-            bar.remove_task(current["task"])
-        bar.update(overall, completed=len(result.ran) + len(result.skipped))
-    seconds = step_seconds(out)
-    slowest = sorted(seconds.items(), key=lambda kv: -kv[1])[:5]
+    with ProgressView(f"demo ({profile})") as view:
+        outcome = run_demo(out, profile, reporter=view)
+    slowest = sorted(step_seconds(out).items(), key=lambda kv: -kv[1])[:5]
     console.print(f"demo ({profile}) finished in {time.perf_counter() - started:.0f} s "
-                  f"({len(result.ran)} steps run, {len(result.skipped)} done earlier); slowest: "
+                  f"({len(outcome.ran)} steps run, {len(outcome.skipped)} done earlier); slowest: "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in slowest))
-    for line in _claim_lines(result.report):
+    for line in _claim_lines(outcome.report):
         console.print(line)
-    typer.echo(f"report: {result.report}")
+    typer.echo(f"report: {outcome.report}")
 
 
-def _claim_lines(report: Path) -> list[str]:
+@demo_app.command("teacher")
+def teacher_command(
+    kind: str = typer.Argument(..., help="disease (a Keras CNN exported as a CXR Foundation v2 SavedModel) or "
+                               "anatomy (a timm CNN saved as an Adam-v2 checkpoint)."),
+    shards: Path = typer.Option(..., "--shards", help="The phantom shard set whose train split it learns from."),
+    out: Path = typer.Option(..., "--out", help="The SavedModel folder (disease) or checkpoint file (anatomy)."),
+    set_: List[str] = typer.Option([], "--set", help="A setting key=value (repeatable), e.g. --set epochs=2."),
+):
+    """Train one of the demo's teachers; a teacher already trained with the same settings on the same shards is kept."""
+    from leader.demo.teachers import (AnatomyTeacherSettings, DiseaseTeacherSettings, settings_from_pairs,
+                                      settings_hash, teacher_is_current, train_anatomy_teacher, train_disease_teacher)
+    from leader.progress import progress, rate_text
+
+    trainers = {"disease": (DiseaseTeacherSettings, train_disease_teacher),
+                "anatomy": (AnatomyTeacherSettings, train_anatomy_teacher)}
+    if kind not in trainers:
+        raise LeaderError(f"leader demo teacher: {kind!r} is not a demo teacher; use disease or anatomy")
+    cls, train = trainers[kind]
+    settings = settings_from_pairs(cls, set_)
+    if teacher_is_current(out, settings_hash(settings, shards)):
+        typer.echo(f"{kind} teacher in {out} is already trained with these settings on these shards")
+        return
+    started = time.perf_counter()
+    with progress() as bar:
+        task = bar.add_task(f"{kind} teacher", total=None, rate="")
+        record = train(shards, out, settings,
+                       lambda done, total: bar.update(task, completed=done, total=total,
+                                                      rate=rate_text(done, time.perf_counter() - started, "it")))
+    numbers = ", ".join(f"{k} {record[k]:.3f}" for k in ("final_train_loss", "val_auc", "val_landmark_accuracy")
+                        if k in record)
+    typer.echo(f"{kind} teacher: {numbers} ({record['seconds']} s) -> {out}")
+
+
+def _claim_lines(report: Path | None) -> list[str]:
     """The PASS/FAIL lines of the report, as the report states them."""
-    if not report.exists():
+    if report is None or not report.exists():
         return []
     return [line[2:] for line in report.read_text().splitlines() if line.startswith("- **PASS**") or line.startswith("- **FAIL**")]

@@ -1,7 +1,7 @@
 """The demo's two teachers, trained on the phantom and saved in the real teachers' formats.
 
-    python -m leader.demo.teachers disease --shards runs/demo/shards --out runs/demo/teachers/disease
-    python -m leader.demo.teachers anatomy --shards runs/demo/shards --out runs/demo/teachers/anatomy.pth
+    leader demo teacher disease --shards runs/demo/shards/phantom --out runs/demo/teachers/disease
+    leader demo teacher anatomy --shards runs/demo/shards/phantom --out runs/demo/teachers/anatomy.pth
 
 Both learn from the TRAIN split of the shards only, and each from its own kind of supervision:
 
@@ -9,7 +9,8 @@ Both learn from the TRAIN split of the shards only, and each from its own kind o
   (multi-label sigmoid cross-entropy). Its convolutional trunk is exported with
   `export_cxr_foundation_savedmodel`, so it is called exactly like CXR Foundation v2:
   `serving_default(input_example=<serialized tf.train.Example PNGs>)` -> `feature_maps_0`
-  (B, 8, 8, D) at 128 px input. TensorFlow runs only in this module's own process.
+  (B, 8, 8, D) at 128 px input. TensorFlow is imported only when it trains, and `leader demo`
+  runs that step in a process of its own.
 - the anatomy teacher is a small timm CNN that never sees a disease label. It learns where a patch
   lies in the body: from a patch cut anywhere in the chest (at random position and size), it
   regresses the offsets from the patch centre to every anatomical landmark and names the
@@ -24,12 +25,10 @@ rerun skips a teacher that is already trained with the same settings on the same
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -401,39 +400,15 @@ def train_anatomy_teacher(shards_dir: str | Path, out_path: str | Path, settings
 
 
 # ---------------------------------------------------------------------------------------------
-# `python -m leader.demo.teachers disease|anatomy ...`: each teacher in a process of its own
+# Settings from the command line (`leader demo teacher disease --set epochs=2 --set widths=[8,16,32,32]`)
 
 
-def _settings_from_json(cls, text: str | None):
-    values = json.loads(text) if text else {}
+def settings_from_pairs(cls, pairs: list[str]):
+    """The teacher's settings with `key=value` overrides (values read as YAML: numbers, lists)."""
+    from leader.runtime import parse_key_values
+
+    values = parse_key_values(pairs, flag="--set")
     unknown = sorted(set(values) - set(cls.__dataclass_fields__))
     if unknown:
-        raise LeaderError(f"{cls.__name__}: unknown setting(s) {unknown}")
+        raise LeaderError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {', '.join(cls.__dataclass_fields__)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m leader.demo.teachers", description=__doc__.split("\n\n")[0])
-    parser.add_argument("teacher", choices=("disease", "anatomy"))
-    parser.add_argument("--shards", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="SavedModel directory (disease) or .pth file (anatomy)")
-    parser.add_argument("--settings", default=None, help="JSON object of settings to override")
-    args = parser.parse_args(argv)
-
-    def report(done: int, total: int) -> None:
-        # One JSON line per update on stdout: the demo's progress view reads them.
-        print(json.dumps({"done": done, "total": total}), flush=True)
-
-    try:
-        if args.teacher == "disease":
-            record = train_disease_teacher(args.shards, args.out, _settings_from_json(DiseaseTeacherSettings, args.settings), report)
-        else:
-            record = train_anatomy_teacher(args.shards, args.out, _settings_from_json(AnatomyTeacherSettings, args.settings), report)
-    except LeaderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps({"record": record}), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@
 adds it as `leader eval` and registers `report_command` as `leader report`. Each eval command
 writes metrics.json and its figures into --out and prints the headline number. Beside each command
 stands the registration of the protocol(s) it runs (`leader/evaluate/protocols.py`): the list that
-the report's columns, `leader demo` and the pipeline runner iterate.
+the report's columns and order iterate.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation protocols by name: the one list that `leader eval`, the demo and `leader report` iterate.
+"""Evaluation protocols by name: the one list that `leader eval` and `leader report` iterate.
 
     protocol = PROTOCOLS.get("retrieval")
     metrics = protocol("shards/phantom", ["run:runs/demo/student"], "eval/retrieval", k=20)
@@ -9,7 +9,8 @@ A protocol is named after the `protocol` field of the metrics.json it writes. Ea
 beside its `leader eval` command in `leader/evaluate/commands.py`, which keeps the command line
 fast to start: the code that evaluates (scikit-learn, torch, matplotlib) is imported only when a
 protocol runs. Adding a protocol is its module (the function that writes metrics.json) plus its
-command and registration there; the report, `eval compare` and the demo then know it.
+command and registration there; the report and `eval compare` then know it, and a pipeline file
+(`leader reproduce`, `leader demo`) can name it in an evaluation.
 """
 from __future__ import annotations
 

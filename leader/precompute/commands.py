@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from leader.errors import LeaderError
@@ -60,6 +59,9 @@ def precompute_command(
     allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a model given as a URL or hub handle."),
     seed: int = typer.Option(0, "--seed", help="Seed of the view parameters."),
     patch_size: int = typer.Option(224, "--patch-size", help="Side at which patches are cut before their views are rendered."),
+    view: list[str] = typer.Option([], "--view", help="A view range key=value (repeatable), e.g. --view rotation_deg=10 "
+                                   "--view brightness=0.2; the rest keep ViewSpec's defaults. Every teacher of one cache "
+                                   "must use the same ranges."),
     overwrite_teacher: bool = typer.Option(False, "--overwrite-teacher", help="Replace this teacher's embeddings if they came from other weights or settings."),
     decode_threads: Optional[int] = typer.Option(None, "--decode-threads", help="Threads decoding the next images while the teacher runs (default: one per CPU, up to 8; 0: none)."),
     trust_model: bool = typer.Option(False, "--trust-model", help=TRUST_HELP),
@@ -70,14 +72,17 @@ def precompute_command(
     if ctx.invoked_subcommand is not None:
         return
     if teacher is None or shards is None:
-        raise click.UsageError("leader precompute needs --teacher NAME and --shards DIR", ctx=ctx)
+        raise LeaderError("leader precompute needs --teacher NAME and --shards DIR (see leader precompute --help)")
     from leader.precompute.run import CacheLayout, Execution, missing_summary, precompute, resolve_teacher
     from leader.precompute.teachers import create_teacher
     from leader.progress import progress, rate_text
     from leader.runtime import local_device
 
     cache_path = _default_cache(shards, cache)
-    layout = CacheLayout(views=views, seed=seed, patch_size=patch_size, dtype=dtype)
+    from leader.views import ViewSpec
+
+    layout = CacheLayout(views=views, seed=seed, patch_size=patch_size, dtype=dtype,
+                         view_spec=ViewSpec.from_dict(parse_key_values(view, "--view")))
     execution = Execution(batch_size=batch_size, device=device, decode_threads=decode_threads)
     choice = resolve_teacher(teacher, kind, model, _teacher_options(option, trust_model), config)
     repairing = _repaired(cache_path, shards, teacher) if repair else contextlib.nullcontext()

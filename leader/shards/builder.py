@@ -325,7 +325,7 @@ class ShardBuilder:
                 if n_healthy := self.healthy_plan.patches_for(p.index):
                     meta["patches"] += healthy_patches(p.key, w, h, self.histogram, self.s.patch, self.s.seed, n_healthy)
                 if meta["landmarks"] and meta["split"] in self.s.patch.landmark_splits:
-                    meta["patches"] += landmark_patches(meta["landmarks"], w, h, self.s.patch)
+                    meta["patches"] += landmark_patches(meta["landmarks"], w, h, self.s.patch, p.key, self.s.seed)
                     for lm in meta["landmarks"]:
                         if lm not in self.landmark_names:
                             self.landmark_names.append(lm)
@@ -505,6 +505,8 @@ def build_shards(settings: BuildSettings, out: str | Path, workers: int = 1, ove
         found = dict(existing.build)
         found.pop("max_reject_fraction", None)
         found.setdefault("name", None)                  # manifests written before --name existed
+        # Manifests written before landmark jitter existed cut exactly the unjittered patches.
+        found["patch"] = {"landmark_jitter": 0.0, "landmark_scale": [1.0, 1.0], **found.get("patch", {})}
         if found == settings.content_dict():
             return existing
         raise LeaderError(f"{out} already holds a complete shard set built with other settings; pass --overwrite or choose another --out")

@@ -25,6 +25,8 @@ def build(
     size: int = typer.Option(512, "--size", help="Long side of the stored images, in pixels."),
     shard_size: int = typer.Option(1000, "--shard-size", help="Samples per shard."),
     workers: int = typer.Option(1, "--workers", help="Decode/resize processes. Output is identical for any value."),
+    landmark_splits: str = typer.Option("val,test", "--landmark-splits", help="Splits whose landmarks get landmark "
+                                        "patches (comma-separated; they feed the anatomy evaluation only)."),
     seed: int = typer.Option(0, "--seed", help="Seed for patient-wise splits, healthy patches and the phantom."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N images (phantom: how many to generate)."),
     max_reject_fraction: float = typer.Option(0.01, "--max-reject-fraction", help="Fail the build when more inputs than this are rejected."),
@@ -45,6 +47,9 @@ def build(
         raise LeaderError(f"--healthy-ratio must be 0 or more, got {healthy_ratio}")
     if healthy_max_per_image < 1:
         raise LeaderError(f"--healthy-max-per-image must be at least 1, got {healthy_max_per_image}")
+    chosen = tuple(s for s in landmark_splits.split(",") if s)
+    if not set(chosen) <= {"train", "val", "test"}:
+        raise LeaderError(f"--landmark-splits {landmark_splits!r}: use train, val and test, comma-separated")
     settings = BuildSettings(
         dataset=dataset,
         root=str(root.resolve()) if root else None,
@@ -54,7 +59,8 @@ def build(
         seed=seed,
         n=n,
         max_reject_fraction=max_reject_fraction,
-        patch=PatchPlan(healthy_ratio=healthy_ratio, healthy_max_per_image=healthy_max_per_image),
+        patch=PatchPlan(healthy_ratio=healthy_ratio, healthy_max_per_image=healthy_max_per_image,
+                        landmark_splits=chosen),
         options=parse_key_values(option),
     )
     if root is not None and not root.exists():

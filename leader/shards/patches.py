@@ -20,10 +20,16 @@ class PatchPlan:
     healthy_max_per_image: int = 4    # when healthy images are few, at most this many patches from one
     landmark_side: float = 224 / 1024   # 224 px of a 1024 px radiograph, whatever the stored size
     landmark_splits: tuple[str, ...] = ("val", "test")
+    # A harder anatomy test: each landmark patch's centre moves by up to this fraction of its side
+    # (in x and y) and its side is scaled within landmark_scale, seeded per sample and landmark, so
+    # that naming the landmark takes knowing where the patch lies, not matching one fixed crop.
+    landmark_jitter: float = 0.0
+    landmark_scale: tuple[float, float] = (1.0, 1.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["landmark_splits"] = list(self.landmark_splits)
+        d["landmark_scale"] = list(self.landmark_scale)
         return d
 
 
@@ -49,12 +55,18 @@ def diseased_patches(boxes: list[dict], width: int, height: int, plan: PatchPlan
     return patches
 
 
-def landmark_patches(landmarks: dict[str, list[float]], width: int, height: int, plan: PatchPlan) -> list[dict]:
+def landmark_patches(landmarks: dict[str, list[float]], width: int, height: int, plan: PatchPlan,
+                     key: str = "", seed: int = 0) -> list[dict]:
     side = plan.landmark_side * max(width, height)
-    return [
-        {"box": fit_square(x, y, side, width, height), "kind": "landmark", "label": name}
-        for name, (x, y) in landmarks.items()
-    ]
+    patches = []
+    for name, (x, y) in landmarks.items():
+        s, cx, cy = side, x, y
+        if plan.landmark_jitter or plan.landmark_scale != (1.0, 1.0):
+            rng = sample_rng(seed, f"{key}#{name}", "landmark")
+            s = side * rng.uniform(*plan.landmark_scale)
+            cx, cy = x + s * plan.landmark_jitter * rng.uniform(-1, 1), y + s * plan.landmark_jitter * rng.uniform(-1, 1)
+        patches.append({"box": fit_square(cx, cy, s, width, height), "kind": "landmark", "label": name})
+    return patches
 
 
 class PatchSizeHistogram:

@@ -77,3 +77,11 @@ def patient_split(
     if u < train + val:
         return "val"
     return "test"
+
+
+def carve_val(official: str, dataset: str, patient_id: str, seed: int, val_fraction: float) -> str:
+    """A dataset's official split, with val carved by patient out of the official train split (for
+    datasets that ship train and test only); other splits stay as they are."""
+    if official != "train":
+        return official
+    return patient_split(dataset, patient_id, seed, (1.0 - val_fraction, val_fraction, 0.0))

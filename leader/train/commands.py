@@ -6,14 +6,11 @@ what `torchrun ... -m leader.train train ...` uses.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List
 
-import click
 import typer
 
-from leader.errors import LeaderError
 
 
 def train_command(
@@ -73,14 +70,8 @@ register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point for `python -m leader.train`: LeaderError -> one line and exit 2, as the main CLI does."""
-    try:
-        typer.main.get_command(app).main(args=argv, prog_name="leader", standalone_mode=False)
-    except LeaderError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    """Entry point for `python -m leader.train` (what `torchrun -m leader.train train ...` runs), with
+    the main CLI's error handling."""
+    from leader.cli import run
+
+    run(app, argv)

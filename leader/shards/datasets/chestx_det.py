@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 from pathlib import Path
 from typing import Iterator
@@ -45,10 +44,10 @@ from typing import Iterator
 from leader.errors import LeaderError
 from leader.shards.class_sets import SOURCE, ClassSet
 from leader.shards.datasets import register_dataset
-from leader.shards.datasets._checks import check_val_fraction, require_root
+from leader.shards.datasets._checks import check_val_fraction, read_json_file, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
-from leader.shards.vocabulary import ordered, patient_split
+from leader.shards.vocabulary import carve_val, ordered
 
 CLASSES = {
     "Atelectasis": "atelectasis",
@@ -124,9 +123,7 @@ class ChestXDet:
                 found = {CLASSES[name] for name in names}
                 labels = {label: int(label in found) for label in self.label_names}
                 labels["no_finding"] = int(not found)
-                split = official
-                if official == "train":
-                    split = patient_split(self.name, image_id, seed, (1 - self.val_fraction, self.val_fraction, 0.0))
+                split = carve_val(official, self.name, image_id, seed, self.val_fraction)
                 yield SourceRecord(
                     dataset=self.name,
                     image_id=image_id,
@@ -146,15 +143,8 @@ class ChestXDet:
 
 
 def load_annotation_list(path: Path) -> list:
-    if not path.is_file():
-        raise LeaderError(
-            f"chestx-det: expected {path.name} in {path.parent}; is --root the folder that holds "
-            "ChestX_Det_train.json, ChestX_Det_test.json and the train/ and test/ image folders?"
-        )
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LeaderError(f"chestx-det: {path} is not valid JSON ({e})") from None
+    entries = read_json_file(path, "chestx-det", "the folder that holds ChestX_Det_train.json, ChestX_Det_test.json "
+                                                 "and the train/ and test/ image folders")
     if not isinstance(entries, list):
         raise LeaderError(f"chestx-det: {path} must hold a JSON list of image entries, found {type(entries).__name__}")
     return entries

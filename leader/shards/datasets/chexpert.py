@@ -40,10 +40,10 @@ import pandas as pd
 from leader.errors import LeaderError
 from leader.shards.class_sets import ClassSet
 from leader.shards.datasets import register_dataset
-from leader.shards.datasets._checks import check_val_fraction, require_root
+from leader.shards.datasets._checks import check_val_fraction, image_file, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
-from leader.shards.vocabulary import ordered, patient_split
+from leader.shards.vocabulary import carve_val, ordered
 
 # The CheXpert labeller's 14 observations; MIMIC-CXR's label file uses the same names.
 OBSERVATIONS_TO_VOCABULARY = {
@@ -156,15 +156,10 @@ class CheXpert:
         except ValueError as e:
             rejects.add(where, f"{e} ({filename} row {line})")
             return None
-        path = root / relative
-        if not path.is_file():
-            rejects.add(where, "image file not found under --root")
+        path = image_file(root, relative, rejects)
+        if path is None:
             return None
-        if official == "train":
-            fractions = (1.0 - self.val_fraction, self.val_fraction, 0.0)
-            split = patient_split(self.name, patient, seed, fractions)
-        else:
-            split = official
+        split = carve_val(official, self.name, patient, seed, self.val_fraction)
         view = row["AP/PA"].strip() or ("LATERAL" if row["Frontal/Lateral"].strip() == "Lateral" else None)
         return SourceRecord(
             dataset=self.name,

@@ -43,7 +43,7 @@ from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
-from leader.shards.vocabulary import ordered, patient_split
+from leader.shards.vocabulary import carve_val, ordered
 
 LABELS = {
     "positive": {"covid19": 1},
@@ -95,10 +95,10 @@ class COVIDx:
             if not (root / split).is_dir():
                 raise LeaderError(f"covidx: {found.name} lists images, but the folder {root / split} does not exist")
             lists.append((split, found))
-        carve_val = "val" not in {split for split, _ in lists}
-        return itertools.islice(self._emit(root, lists, carve_val, rejects, seed), n)
+        carve_val_split = "val" not in {split for split, _ in lists}
+        return itertools.islice(self._emit(root, lists, carve_val_split, rejects, seed), n)
 
-    def _emit(self, root: Path, lists, carve_val: bool, rejects: RejectLog, seed: int) -> Iterator[SourceRecord]:
+    def _emit(self, root: Path, lists, carve_val_split: bool, rejects: RejectLog, seed: int) -> Iterator[SourceRecord]:
         for split, list_file in lists:
             lines = list_file.read_text(encoding="utf-8", errors="replace").splitlines()
             for number, line in enumerate(lines, start=1):
@@ -110,8 +110,8 @@ class COVIDx:
                     rejects.add(f"{list_file.name}:{number}", f"{list_file.name} line {number}: {e}")
                     continue
                 final_split = split
-                if split == "train" and carve_val:
-                    final_split = patient_split(self.name, patient_id, seed, (1 - self.val_fraction, self.val_fraction, 0.0))
+                if carve_val_split:
+                    final_split = carve_val(split, self.name, patient_id, seed, self.val_fraction)
                 source_labels = {"label": label}
                 if source is not None:
                     source_labels["source"] = source

@@ -26,7 +26,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
-from leader.shards.datasets._checks import require_root
+from leader.shards.datasets._checks import image_file, require_root
 from leader.shards.datasets.chexpert import OBSERVATIONS_TO_VOCABULARY, code_observations, states_no_finding
 from leader.shards.imageio import read_image
 from leader.shards.records import RejectLog, SourceRecord
@@ -89,9 +89,8 @@ class MIMICCXR:
             except ValueError as e:
                 rejects.add(relative, f"{e} ({LABEL_FILE}, study s{study})")
                 return None
-        path = root / relative
-        if not path.is_file():
-            rejects.add(relative, "image file not found under --root")
+        path = image_file(root, relative, rejects)
+        if path is None:
             return None
         return SourceRecord(
             dataset=self.name,

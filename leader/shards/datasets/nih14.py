@@ -44,7 +44,7 @@ from leader.shards.datasets import register_dataset
 from leader.shards.datasets._checks import check_val_fraction, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
-from leader.shards.vocabulary import ordered, patient_split
+from leader.shards.vocabulary import carve_val, ordered, patient_split
 
 NIH_TO_VOCABULARY = {
     "No Finding": "no_finding",
@@ -125,11 +125,10 @@ class NIHChestXray14:
                 rejects.add(where, "not in the official split: in neither train_val_list.txt nor test_list.txt")
                 return None
             split = patient_split(self.name, patient_id, seed)
-        elif official[image_id] == "test":
-            split = "test"
         else:
-            fractions = (1.0 - self.val_fraction, self.val_fraction, 0.0)
-            split = patient_split(self.name, patient_id, seed, fractions)
+            # train_val_list.txt is the official train split; val is carved from it by patient.
+            split = carve_val("test" if official[image_id] == "test" else "train", self.name, patient_id, seed,
+                              self.val_fraction)
         labels = {vocab: int(nih in names) for nih, vocab in NIH_TO_VOCABULARY.items()}
         return SourceRecord(
             dataset=self.name,

@@ -38,7 +38,7 @@ import pandas as pd
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
-from leader.shards.datasets._checks import require_root
+from leader.shards.datasets._checks import image_file, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
 from leader.shards.vocabulary import ordered, patient_split
@@ -87,9 +87,8 @@ class RSNAPneumonia:
             except ValueError as e:
                 rejects.add(relative, str(e))
                 continue
-            path = root / relative
-            if not path.is_file():
-                rejects.add(relative, "image file not found under --root")
+            path = image_file(root, relative, rejects)
+            if path is None:
                 continue
             yielded += 1
             yield SourceRecord(

@@ -39,17 +39,16 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from leader.errors import LeaderError
 from leader.shards.datasets import register_dataset
-from leader.shards.datasets._checks import check_val_fraction, require_root
+from leader.shards.datasets._checks import check_val_fraction, read_json_file, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
-from leader.shards.vocabulary import ordered, patient_split
+from leader.shards.vocabulary import carve_val, ordered
 
 CATEGORIES = ("ActiveTuberculosis", "ObsoletePulmonaryTuberculosis", "PulmonaryTuberculosis")
 FOLDER_LABELS = {
@@ -88,17 +87,15 @@ class TBX11K:
 
     def _emit(self, root: Path, sources, rejects: RejectLog, seed: int) -> Iterator[SourceRecord]:
         for json_name, official, images in sources:
-            for file_name, annotations, frame in images:
+            for file_name, image_annotations, frame in images:
                 path = f"imgs/{file_name}"
                 try:
-                    folder, boxes, categories = parse_image(file_name, annotations)
+                    folder, boxes, categories = parse_image(file_name, image_annotations)
                 except _ImageError as e:
                     rejects.add(path, f"{json_name}: {e}")
                     continue
                 image_id = PurePosixPath(file_name).with_suffix("").as_posix()
-                split = official
-                if official == "train":
-                    split = patient_split(self.name, image_id, seed, (1 - self.val_fraction, self.val_fraction, 0.0))
+                split = carve_val(official, self.name, image_id, seed, self.val_fraction)
                 yield SourceRecord(
                     dataset=self.name,
                     image_id=image_id,
@@ -122,15 +119,8 @@ def read_coco(path: Path, rejects: RejectLog) -> list[tuple[str, list[dict], tup
     Structural faults of the whole file are a `LeaderError`; an annotation that points at no image
     is rejected on its own.
     """
-    if not path.is_file():
-        raise LeaderError(
-            f"tbx11k: expected {path.name} in {path.parent}; is --root the TBX11K folder "
-            "(imgs/ and annotations/json/TBX11K_train.json, TBX11K_val.json)?"
-        )
-    try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LeaderError(f"tbx11k: {path} is not valid JSON ({e})") from None
+    coco = read_json_file(path, "tbx11k", "the TBX11K folder (imgs/ and annotations/json/TBX11K_train.json, "
+                                          "TBX11K_val.json)")
     if not isinstance(coco, dict) or not all(isinstance(coco.get(k), list) for k in ("images", "annotations", "categories")):
         raise LeaderError(f"tbx11k: {path} is not COCO: expected lists 'images', 'annotations' and 'categories'")
     categories = {c.get("id"): c.get("name") for c in coco["categories"] if isinstance(c, dict)}

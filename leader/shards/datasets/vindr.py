@@ -58,10 +58,10 @@ import pandas as pd
 from leader.errors import LeaderError
 from leader.shards.class_sets import SOURCE, ClassSet
 from leader.shards.datasets import register_dataset
-from leader.shards.datasets._checks import check_val_fraction, require_root
+from leader.shards.datasets._checks import check_val_fraction, image_file, require_root
 from leader.shards.imageio import read_image
 from leader.shards.records import Box, RejectLog, SourceRecord
-from leader.shards.vocabulary import ordered, patient_split
+from leader.shards.vocabulary import carve_val, ordered
 
 VINDR_TO_VOCABULARY: dict[str, str | None] = {
     "Aortic enlargement": "aortic_enlargement",
@@ -166,9 +166,8 @@ class VinDrCXR:
             if readings.problem:
                 rejects.add(relative, readings.problem)
                 continue
-            path = root / relative
-            if not path.is_file():
-                rejects.add(relative, "image file not found under --root")
+            path = image_file(root, relative, rejects)
+            if path is None:
                 continue
             yielded += 1
             yield self._record(image_id, relative, path, readings, seed)
@@ -199,10 +198,7 @@ class VinDrCXR:
                     box_readers.append(list(readers))
                 else:
                     other_boxes.append({"label": name, "box": list(box), "readers": list(readers)})
-        if readings.split == "train":
-            split = patient_split(self.name, image_id, seed, (1.0 - self.val_fraction, self.val_fraction, 0.0))
-        else:
-            split = "test"
+        split = carve_val(readings.split, self.name, image_id, seed, self.val_fraction)
         extra = {"box_mode": self.boxes, "box_readers": box_readers}
         if self.boxes == "fused":
             extra["unconfirmed_boxes"] = unconfirmed
