@@ -7,11 +7,16 @@ Every figure is a ratio of two rates measured side by side in one run, on the sa
 same student (docs/design.md, section 9). One module per measurement:
 
     shard_build      images/s building shards from a folder of PNGs (csv adapter), workers 1 vs N
-    step_rate        training steps/s: cached targets vs the official code's way vs fully online
-    loader           samples/s: our shard + cache-block + view-replay stream vs the official loader
-    overhead         full pipeline step time / step time on batches already on the device
     precompute_rate  precompute views/s / the teacher's bare forward rate on the same batches
     cache_cost       bytes per item and view, compression ratio, block reads vs row-by-row reads
+    loader_stages    one DataLoader worker's time per 512 px sample, stage by stage (tar, sha256,
+                     JSON, PNG decode, canvas, collation)
+    loader           samples/s: our shard + cache-block + view-replay stream vs the official loader
+    step_rate        training steps/s: cached targets vs the official code's way vs fully online
+    overhead         full pipeline step time / step time on batches already on the device
+    end_to_end       images/s of our whole training pipeline vs the official code's whole pipeline
+                     (per-file loader, .npy disease targets, the anatomy teacher online), same student
+    student_step     the student's step alone: images/s by batch size, eager vs run.compile, MFU
     scale            trainer host RSS for 1k, 100k and 1M items in the manifest
 
 `workload` builds the shared data once per run (a folder of original-size phantom PNGs, shards,

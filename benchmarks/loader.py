@@ -68,7 +68,7 @@ def official_rate(ctx: Context, workers: int) -> float:
                              workers, pin_memory=cuda)
 
     def deliver(batch):
-        pixels, targets = batch
+        pixels, targets, _ = batch
         return pixels.to(ctx.device, non_blocking=True), targets.to(ctx.device, non_blocking=True)
 
     n = len(loader)

@@ -7,7 +7,7 @@ replaces all of this with shards at the stored size, one cache block per shard a
 in a batch; the loader benchmark runs both on the same images.
 
     loader = official_loader(paths, targets_dir, image_size=224, batch_size=64, num_workers=8)
-    for pixels, targets in loader: ...      # (B, 3, 224, 224) normalised, (B, D) float32
+    for pixels, targets, stems in loader: ...   # (B, 3, 224, 224) normalised, (B, D) float32, file stems
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def official_transform(image_size: int, spec: ViewSpec = ViewSpec()) -> transfor
 
 
 class PerFileDataset(Dataset):
-    """One original image file plus one .npy target file per sample."""
+    """One original image file plus one .npy target file per sample, and the file's stem (which
+    image it was, for the benchmarks that check both pipelines saw the same images)."""
 
     def __init__(self, image_paths: list[Path], targets_dir: Path, image_size: int):
         self.image_paths = [Path(p) for p in image_paths]
@@ -53,12 +54,12 @@ class PerFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         path = self.image_paths[index]
         with Image.open(path) as image:
             pixels = self.transform(image.convert("RGB"))
         target = np.load(self.targets_dir / f"{path.stem}.npy")
-        return pixels, torch.from_numpy(target)
+        return pixels, torch.from_numpy(target), path.stem
 
 
 def official_loader(image_paths: list[Path], targets_dir: Path, image_size: int, batch_size: int,

@@ -23,8 +23,9 @@ from leader.train.sources import open_sources
 
 def pipeline_step_times(ctx: Context, trainer, workers: int, pin_memory: bool) -> list[tuple[float, float]]:
     """(seconds waiting for the batch, seconds of the step) for every step of the real pipeline over
-    `overhead_epochs` epochs, synchronised after each step as leader's loop is (it reads the loss and
-    the gradient norm every step). The split says whether the input is late or the step is slowed."""
+    `overhead_epochs` epochs, synchronised after each step so that each step's time is its own
+    (leader's loop waits for the device at log steps only; end_to_end times a pipeline that way).
+    The split says whether the input is late or the step is slowed."""
     work, p = ctx.workload, ctx.profile
     cfg = work.train_config(num_workers=workers)
     sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())

@@ -48,10 +48,10 @@ class OnlineTargets:
         return out
 
 
-def device_batches(ctx: Context, count: int) -> list[dict]:
+def device_batches(ctx: Context, count: int, batch_size: int | None = None) -> list[dict]:
     """The first `count` batches of the training stream, moved to the device once."""
     work = ctx.workload
-    cfg = work.train_config(num_workers=0)
+    cfg = work.train_config(num_workers=0, batch_size=batch_size)
     sources = open_sources(cfg.data.shards, cfg.data.caches, cfg.teachers())
     spec = StreamSpec.for_phase(sources, cfg.phases[0], cfg, world_size=1)
     stream = phase_batches(spec, 0, 0, 1)

@@ -185,7 +185,7 @@ class Workload:
 
     # ---- the student -------------------------------------------------------------------------
     def train_config(self, num_workers: int = 0, branches: tuple[str, ...] = TEACHER_ROLES,
-                     batch_size: int | None = None) -> TrainConfig:
+                     batch_size: int | None = None, compile: bool = False) -> TrainConfig:
         p, cuda = self.profile, self.device.type == "cuda"
         batch_size = batch_size or p.batch_size
         return config_from_dict({
@@ -196,11 +196,14 @@ class Workload:
                      "num_workers": num_workers, "shuffle_buffer": 4 * batch_size},
             "phases": [{"name": "images", "stream": "images", "datasets": "all", "branches": list(branches),
                         "steps": 10_000}],
-            "run": {"device": self.device.type, "precision": "bf16", "channels_last": cuda, "compile": False},
+            "run": {"device": self.device.type, "precision": "bf16", "channels_last": cuda, "compile": compile},
         }, where="benchmark config")
 
-    def trainer(self, branches: tuple[str, ...] = TEACHER_ROLES) -> BenchTrainer:
-        cfg = self.train_config(branches=branches)
+    def trainer(self, branches: tuple[str, ...] = TEACHER_ROLES, batch_size: int | None = None,
+                compile: bool = False) -> BenchTrainer:
+        """A fresh Trainer (the same seed, so the same initial weights every time); `compile`:
+        run.compile, torch.compile of the student."""
+        cfg = self.train_config(branches=branches, batch_size=batch_size, compile=compile)
         head_dims = {role: self.teachers[role].dim for role in branches}
         trainer = Trainer(cfg, head_dims, TeacherCache.open(self.cache).patch_size, self.device)
         return BenchTrainer(trainer, trainer.net(list(branches), Distributed()))

@@ -22,6 +22,7 @@ from benchmarks.harness import Context
 from benchmarks.profiles import CPU_QUICK, ModelSpec
 from benchmarks.scale import write_synthetic_set
 from leader.shards.manifest import Manifest
+from leader.train.loop import Distributed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,7 @@ TOY = replace(
     disease=ModelSpec("test_resnet", None), anatomy=ModelSpec("test_convnext", 32),
     loader_workers=(0, 1), pipeline_workers=1, warmup_steps=1, timed_steps=2, precompute_batch=16,
     overhead_sweep=((0, False),),
-    scale_items=(1_000, 3_000), row_reads=10,
+    scale_items=(1_000, 3_000), row_reads=10, step_batches=(4, 8), stage_images=4, end_to_end_rounds=1,
 )
 
 
@@ -78,6 +79,72 @@ def test_official_targets_hold_the_cached_view_0_embedding(suite):
     row = next(i for i, key in enumerate(keys) if key.startswith(f"csv/images_{first.stem}_"))
     expected = cache.read_block("disease", row, row + 1)[0, 0].astype(np.float32)
     np.testing.assert_array_equal(np.load(work.official_targets / f"{first.stem}.npy"), expected)
+
+
+def test_both_end_to_end_pipelines_train_on_the_same_images(suite):
+    """Ours (shards, cache blocks, replay) and the official way (image files, .npy targets, the
+    anatomy teacher online) take as many images per epoch, all from the training set: the official
+    loader each once; ours each once but for its shuffle buffer's look-ahead. Its worker cycles
+    over its shards to fill its quota, and the buffer draws from the next cycle before the quota
+    is taken, so up to a buffer's worth of an epoch's last images repeat earlier ones."""
+    ctx, figures, _ = suite
+    seen = ctx.shared["end_to_end"]
+    training = sorted(path.stem for path in ctx.workload.training_images())
+    buffer = ctx.workload.train_config().data.shuffle_buffer * TOY.pipeline_workers
+    assert len(seen["ours"]) == len(seen["official"]) == TOY.end_to_end_rounds
+    for ours, official in zip(seen["ours"], seen["official"]):
+        assert sorted(official) == training
+        assert len(ours) == len(training) and set(ours) <= set(training)
+        assert len(set(ours)) >= len(training) - buffer
+    figure = next(f for f in figures if f.benchmark == "end_to_end")
+    assert figure.detail["images_per_epoch"] == TOY.train_images
+
+
+def test_the_official_step_trains_the_same_student_on_the_same_loss(suite):
+    """Fed our own rendered pixels and the cached targets, the official-style step gives our step's
+    loss: the two sides differ only in where pixels and targets come from."""
+    from benchmarks.end_to_end import OfficialStep
+    from benchmarks.step_rate import device_batches
+
+    ctx, _, _ = suite
+    work = ctx.workload
+    batch = device_batches(ctx, 1)[0]
+    ours = work.trainer().trainer
+    pixels = ours.step.input.render(batch, ctx.device)
+    anatomy = work.teachers["anatomy"]
+    official = OfficialStep(ours.step, anatomy, ctx.device, channels_last=False)
+    net = ours.net(["disease", "anatomy"], Distributed())
+    with torch.no_grad():
+        expected, parts = ours.step(net, dict(batch, targets={**batch["targets"],
+                                                              "anatomy": official.anatomy_targets(pixels)}))
+        got, got_parts = official(net, {"keys": batch["keys"], "pixels": pixels, "disease": batch["targets"]["disease"]})
+    assert set(got_parts) == set(parts)
+    torch.testing.assert_close(got, expected)
+
+
+def test_mfu_uses_the_dense_bf16_peak_of_the_named_card():
+    from benchmarks.student_step import dense_bf16_peak
+
+    assert dense_bf16_peak("NVIDIA H200") == 989.0
+    assert dense_bf16_peak("NVIDIA H200 NVL") == 835.0
+    assert dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989.0 and dense_bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312.0 and dense_bf16_peak("NVIDIA A10") == 125.0
+    assert dense_bf16_peak("NVIDIA L40S") == 362.0 and dense_bf16_peak("NVIDIA L4") == 121.0
+    assert dense_bf16_peak("NVIDIA GeForce RTX 4090") is None
+
+
+def test_a_steps_counted_flops_grow_with_its_batch(suite):
+    """The MFU's numerator: FlopCounterMode on the trainer's real step, forward and backward, which
+    for the same images is proportional to the batch."""
+    from benchmarks.step_rate import device_batches
+    from benchmarks.student_step import flops_per_step
+
+    ctx, figures, _ = suite
+    small, large = (flops_per_step(ctx.workload.trainer(batch_size=b).train_step, device_batches(ctx, 1, b)[0])
+                    for b in (4, 8))
+    assert small > 0 and large == pytest.approx(2 * small, rel=0.02)
+    step = next(f for f in figures if f.benchmark == "student_step")
+    assert step.detail["flop_per_image"] == pytest.approx(small / 4, rel=0.02)
 
 
 def test_synthetic_scale_set_is_a_valid_shard_set(tmp_path):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leader.shards.png import _decode_up_filtered, decode_png, encode_png
+from leader.shards.png import _decode_up_filtered, decode_png, encode_png, undo_up_filter
 
 
 def random_image(dtype, shape, seed=0):
@@ -44,6 +44,16 @@ def test_round_trip_is_exact_and_pillow_reads_the_same_pixels(dtype, shape):
     with Image.open(io.BytesIO(data)) as im:
         np.testing.assert_array_equal(np.array(im).astype(dtype), image)
     assert (idat_rows(data, shape[0])[:, 0] == 2).all()        # every row carries the Up filter
+
+
+@pytest.mark.parametrize("height", [1, 2, 3, 5, 64, 100, 513])
+def test_the_shifted_adds_undo_the_up_filter_as_a_running_sum_does(height):
+    """The prefix sum in log2(height) shifted adds gives np.cumsum's bytes, wrapping modulo 256,
+    for any height (a power of two or not) and from a strided view (the rows past their filter byte)."""
+    rows = random_image(np.uint8, (height, 41), seed=height)
+    decoded = undo_up_filter(rows[:, 1:])
+    np.testing.assert_array_equal(decoded, np.cumsum(rows[:, 1:], axis=0, dtype=np.uint8))
+    assert decoded.flags.c_contiguous and decoded.flags.writeable
 
 
 def test_other_pngs_are_decoded_by_pillow():

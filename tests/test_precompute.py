@@ -56,20 +56,21 @@ import torch
 from leader.precompute.run import CacheLayout, Execution, precompute
 from leader.precompute.teachers import create_teacher
 
-shards, cache, model, delay = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+shards, cache, model, delay, workers = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5])
 teacher = create_teacher("adam", model=model, arch="resnet18", input_size=32)
 embed = teacher.embed
 def slow_embed(pixels, bits=8):
     time.sleep(delay)
     return embed(pixels, bits=bits)
 teacher.embed = slow_embed
-result = precompute(shards, "anatomy", teacher, cache, CacheLayout(views=2, patch_size=48), Execution(batch_size=4))
+result = precompute(shards, "anatomy", teacher, cache, CacheLayout(views=2, patch_size=48),
+                    Execution(batch_size=4, workers=workers))
 print("interrupted" if result.interrupted else "finished", result.shards_computed, flush=True)
 """
 
 
-def start_driver(shards, cache, model, delay=0.0, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", DRIVER, str(shards), str(cache), str(model), str(delay)],
+def start_driver(shards, cache, model, delay=0.0, workers=0, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", DRIVER, str(shards), str(cache), str(model), str(delay), str(workers)],
                             cwd=REPO, env={**os.environ, "LEADER_PROGRESS": "0", "OMP_NUM_THREADS": "1", **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -123,9 +124,10 @@ def adam(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(shards, adam, tmp_path_factory):
-    """The uninterrupted single-process run every other run must reproduce."""
+    """The uninterrupted single-process run every other run must reproduce: no worker process, no
+    decode thread."""
     path = tmp_path_factory.mktemp("reference") / "cache.zarr"
-    result = run_adam(shards, path, adam)
+    result = run_adam(shards, path, adam, Execution(batch_size=4, workers=0, decode_threads=0))
     assert result.complete and result.shards_computed == [0, 1, 2]
     return path
 
@@ -184,8 +186,9 @@ def test_sigterm_and_kill_9_then_resume_give_the_uninterrupted_store(shards, ada
     assert done_flags(path) == [True, False, False]
     assert signal.getsignal(signal.SIGTERM) == handler_before        # the handler is removed again
 
-    # kill -9 as soon as shard 1 is done, while shard 2 is being computed.
-    run = start_driver(shards, path, adam, delay=0.1)
+    # kill -9 as soon as shard 1 is done, while shard 2 is being computed, by a run with a worker
+    # process: the worker may outlive it by seconds, but must not keep its writer lock.
+    run = start_driver(shards, path, adam, delay=0.1, workers=1)
     wait_for(lambda: done_flags(path)[1], what="shard 1")
     run.kill()
     run.wait(timeout=30)
@@ -228,14 +231,21 @@ def test_a_group_renders_exactly_what_each_sample_renders_alone():
             assert torch.equal(x, y)
 
 
-def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, adam, reference, tmp_path):
-    for threads in (0, 3):
-        path = tmp_path / f"threads-{threads}.zarr"
-        result = run_adam(shards, path, adam, Execution(batch_size=4, decode_threads=threads))
-        assert result.complete
+def test_worker_processes_and_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, adam, reference,
+                                                                                          tmp_path):
+    """Reading, decoding and rendering in 1 or 2 worker processes, or in this one with 0 or 3 threads
+    decoding ahead, lands the same bytes in the store (the reference ran with the default workers)."""
+    for workers, threads, render_on_workers in ((0, 0, None), (0, 3, None), (1, None, None), (2, None, None),
+                                                (2, None, False)):       # False: rendered here, as on a GPU
+        path = tmp_path / f"workers-{workers}-threads-{threads}-{render_on_workers}.zarr"
+        result = run_adam(shards, path, adam, Execution(batch_size=4, workers=workers, decode_threads=threads,
+                                                        render_on_workers=render_on_workers))
+        assert result.complete and result.shards_computed == [0, 1, 2]
         assert_same_store(path, reference)
     with pytest.raises(LeaderError, match="--decode-threads must be 0 or more"):
         Execution(decode_threads=-1)
+    with pytest.raises(LeaderError, match="precompute workers must be 0 or more"):
+        Execution(workers=-1)
 
     # A shard whose third image is cut short, as its build wrote it (the manifest records these very
     # bytes, so the shard passes its sha256 check): the thread's failure reaches the loop as one clear line.
@@ -257,8 +267,10 @@ def test_decode_threads_give_the_same_store_and_name_a_damaged_image(shards, ada
     manifest = json.loads((damaged / "manifest.json").read_text())
     manifest["shards"][0]["sha256"] = sha256_file(first)
     (damaged / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(LeaderError, match=rf"sample '{member.name.split('.')[0]}': its stored image does not decode"):
-        run_adam(damaged, tmp_path / "damaged.zarr", adam, Execution(batch_size=4, decode_threads=2))
+    for workers in (0, 2):          # a decode thread's failure, or a worker process's, is the same one line
+        with pytest.raises(LeaderError, match=rf"sample '{member.name.split('.')[0]}': its stored image does not decode"):
+            run_adam(damaged, tmp_path / f"damaged-{workers}.zarr", adam,
+                     Execution(batch_size=4, workers=workers, decode_threads=2))
 
 
 def test_other_weights_are_refused_verified_and_replaced(shards, adam, reference, tmp_path):

@@ -99,6 +99,23 @@ def store_lock(path: str | Path) -> Iterator[None]:
 
 
 _held_writers: dict[tuple[Path, str], int] = {}
+_writer_files: dict[tuple[Path, str], object] = {}
+
+
+def _drop_writer_files_in_child() -> None:
+    """A forked child (a precompute's DataLoader worker) closes its copies of the writer lock files.
+
+    flock locks belong to the open file, which fork shares: a worker that outlived a killed writer
+    (by the seconds it takes to notice) would keep the lock, and the resuming run would be refused.
+    The parent's own copies keep its locks.
+    """
+    for handle in _writer_files.values():
+        handle.close()
+    _writer_files.clear()
+    _held_writers.clear()
+
+
+os.register_at_fork(after_in_child=_drop_writer_files_in_child)
 
 
 @contextlib.contextmanager
@@ -143,10 +160,12 @@ def teacher_writer(path: str | Path, name: str, rank: int, world_size: int) -> I
                                  "world_size": world_size, "started": _utc_now()}))
         handle.flush()
     _held_writers[(local, name)] = 1
+    _writer_files[(local, name)] = handle
     try:
         yield
     finally:
         _held_writers.pop((local, name), None)
+        _writer_files.pop((local, name), None)
         with store_lock(local):
             mine.unlink(missing_ok=True)
             handle.close()

@@ -6,11 +6,18 @@
 
 For each shard this rank owns (shard i belongs to rank i % world_size) and that is not done yet:
 
-    samples -> decoded pixels (a few threads decode ahead while the teacher runs)
+    samples -> checked against the cache's keys -> decoded pixels
             -> item views (the image, then its patches; view v from the cache's params), rendered
                for a batch's worth of samples of one image shape at a time
             -> batches grouped by (bit depth, size) -> teacher.embed -> the shard's block
             -> one write of the block -> done[shard] = True
+
+Everything before the teacher runs off its path: DataLoader worker processes read, check and
+decode whole shards (and on the CPU render their views), and hand the groups over in shared
+memory (pinned on a GPU, where this process renders them); the teacher runs on a thread of its
+own, so the next batch is stacked while it works (`Execution`). A batch holds the same views in
+either case, so the store is the same bytes with or without workers. Without workers
+(`workers=0`), this process reads the shards itself with a few threads decoding ahead.
 
 A shard is the unit of work and of resumption: its block is written whole and its flag only after
 the data, so a run killed at any moment resumes by redoing the one shard it was in. RANK and
@@ -24,15 +31,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from leader.errors import LeaderError
 from leader.io import read_yaml_mapping
@@ -43,6 +52,7 @@ from leader.runtime import StopOnSigterm, local_device, torchrun_position
 from leader.shards.crop import crop_patch
 from leader.shards.manifest import Manifest
 from leader.shards.layout import KIND_CODES, SPLIT_CODES, Sample, default_cache_path, iter_shard, iter_shard_metas
+from leader.train.loader import WORKER_ERROR, errors_as_items
 from leader.views import ViewSpec, replay_views, to_unit_float
 
 log = logging.getLogger(__name__)
@@ -118,20 +128,22 @@ def render_sample_views(image: np.ndarray, patch_boxes: Sequence[Sequence[float]
                               patch_out=patch_out, device=device)[0]
 
 
-def render_group_views(images: Sequence[np.ndarray], patch_boxes: Sequence[Sequence[Sequence[float]]],
+def render_group_views(images: Sequence[np.ndarray] | torch.Tensor, patch_boxes: Sequence[Sequence[Sequence[float]]],
                        params: Sequence[np.ndarray], *, image_size: int | None, patch_size: int = 224,
                        patch_out: int | None = None, device: str | torch.device = "cpu") -> list[list[torch.Tensor]]:
     """render_sample_views for several samples at once: one copy to the device and one replay for
     all their image views, one replay for all their patch views.
 
-    The images must share their shape and dtype. A view renders the same alone as in any batch
-    (see warp_affine), so grouping changes no pixel; it saves the per-call cost, which dominated the
-    precompute of a fast teacher (one replay call per sample).
-    Returns, per sample, what render_sample_views returns.
+    images: the samples' images (one shape and dtype), or the same stacked as one (B, H, W) tensor
+    (from a precompute worker, in pinned memory on CUDA, so that the copy does not block).
+    A view renders the same alone as in any batch (see warp_affine), so grouping changes no pixel;
+    it saves the per-call cost, which dominated the precompute of a fast teacher (one replay call
+    per sample). Returns, per sample, what render_sample_views returns.
     """
     n_views = params[0].shape[1]
-    pixels = _unit_pixels(np.stack(images), device)[:, None]                     # (B, 1, H, W)
-    size = int(image_size or max(images[0].shape))
+    stacked = images if isinstance(images, torch.Tensor) else np.stack(images)
+    pixels = _unit_pixels(stacked, device)[:, None]                             # (B, 1, H, W)
+    size = int(image_size or max(stacked.shape[-2:]))
     image_params = np.stack([p[0] for p in params]).reshape(-1, params[0].shape[-1])
     image_views = replay_views(pixels.repeat_interleave(n_views, dim=0), image_params, size).split(n_views)
     out = [[views] for views in image_views]
@@ -142,20 +154,23 @@ def render_group_views(images: Sequence[np.ndarray], patch_boxes: Sequence[Seque
             crop_params.append(params[i][1:].reshape(-1, params[i].shape[-1]))   # patch-major, view-minor
             owners += [i] * len(boxes)
     if crops:
-        stacked = torch.cat(crops).repeat_interleave(n_views, dim=0)
-        patch_views = replay_views(stacked, np.concatenate(crop_params), int(patch_out or patch_size))
+        stacked_crops = torch.cat(crops).repeat_interleave(n_views, dim=0)
+        patch_views = replay_views(stacked_crops, np.concatenate(crop_params), int(patch_out or patch_size))
         for owner, views in zip(owners, patch_views.split(n_views)):
             out[owner].append(views)
     return out
 
 
-def _unit_pixels(image: np.ndarray, device: str | torch.device) -> torch.Tensor:
-    """The image in [0, 1] as float32 on the device. 8-bit pixels travel as bytes (a quarter of the
+def _unit_pixels(images: np.ndarray | torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """The images in [0, 1] as float32 on the device. 8-bit pixels travel as bytes (a quarter of the
     copy) and are scaled there; 16-bit ones are scaled on the host, as 16-bit integer tensors have
-    few kernels on accelerators. Both give to_unit_float's values."""
-    if image.dtype == np.uint8:
-        return torch.from_numpy(image).to(device).float().div_(255.0)
-    return (torch.from_numpy(image) if image.dtype == np.float32 else to_unit_float(image)).to(device)
+    few kernels on accelerators. Both give to_unit_float's values. A copy from pinned memory does
+    not wait for the device."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images) if images.dtype in (np.uint8, np.float32) else to_unit_float(images)
+    if images.dtype == torch.uint8:
+        return images.to(device, non_blocking=True).float().div_(255.0)
+    return images.to(device, non_blocking=True)
 
 
 @dataclass
@@ -165,11 +180,16 @@ class _Pending:
 
 
 class _BlockEmbedder:
-    """Batches views across items, grouped by (bit depth, size), and scatters embeddings into a block."""
+    """Batches views across items, grouped by (bit depth, size), and scatters embeddings into a block.
 
-    def __init__(self, teacher: Teacher, name: str, batch_size: int, block: np.ndarray, keys: list[str]):
+    The batches go to `ahead`, which runs the teacher beside the thread that prepares the next
+    batches; a batch holds the same views in the same order either way, so the block is the same.
+    """
+
+    def __init__(self, teacher: Teacher, name: str, batch_size: int, block: np.ndarray, keys: list[str],
+                 ahead: "_EmbedAhead"):
         self.teacher, self.name, self.batch_size = teacher, name, batch_size
-        self.block, self.keys = block, keys
+        self.block, self.keys, self.ahead = block, keys, ahead
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.views_done = 0
 
@@ -182,18 +202,22 @@ class _BlockEmbedder:
                 self._run(bits, group)
 
     def flush(self) -> None:
+        """Embed what is pending and wait until every batch of this block is in it."""
         for (bits, _), group in self.pending.items():
             if group.pixels:
                 self._run(bits, group)
+        self.ahead.wait_all()
 
     def _run(self, bits: int, group: _Pending) -> None:
-        batch = torch.stack(group.pixels)
-        out = self._embed(batch, bits, group.targets)
-        rows, views = zip(*group.targets)
-        self.block[list(rows), list(views)] = out
-        self.views_done += len(group.targets)
+        batch, targets = torch.stack(group.pixels), list(group.targets)
+        self.ahead.submit(lambda: self._embed(batch, bits, targets), lambda out: self._store(targets, out))
+        self.views_done += len(targets)
         group.pixels.clear()
         group.targets.clear()
+
+    def _store(self, targets: list[tuple[int, int]], out: np.ndarray) -> None:
+        rows, views = zip(*targets)
+        self.block[list(rows), list(views)] = out
 
     def _embed(self, batch: torch.Tensor, bits: int, targets: list[tuple[int, int]]) -> np.ndarray:
         try:
@@ -213,6 +237,42 @@ class _BlockEmbedder:
             row, view = targets[int(np.flatnonzero(bad)[0])]
             raise LeaderError(f"teacher {self.name!r} produced a NaN/Inf embedding for item {self.keys[row]!r}, view {view}")
         return out
+
+
+class _EmbedAhead:
+    """The teacher's calls, in order, on one thread of their own, at most `depth` batches behind.
+
+    While the teacher runs one batch (on a GPU: while its thread waits for the result), the
+    caller renders and stacks the next; PyTorch and TensorFlow release the GIL inside their ops.
+    Results are stored, and errors raised, in the caller's thread, in submission order.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        # torch.set_num_threads holds for the thread that called it: a new thread would run the
+        # teacher on every core (measured: half the views/s of one thread on 2 busy cores).
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="teacher", initializer=torch.set_num_threads,
+                                       initargs=(torch.get_num_threads(),))
+        self.inflight: deque[tuple[Future, Callable[[np.ndarray], None]]] = deque()
+
+    def submit(self, embed: Callable[[], np.ndarray], store: Callable[[np.ndarray], None]) -> None:
+        self.inflight.append((self.pool.submit(embed), store))
+        while len(self.inflight) > self.depth:
+            self._finish_oldest()
+
+    def wait_all(self) -> None:
+        while self.inflight:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        future, store = self.inflight.popleft()
+        store(future.result())
+
+    def close(self) -> None:
+        for future, _ in self.inflight:
+            future.cancel()
+        self.inflight.clear()
+        self.pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,12 +315,22 @@ class CacheLayout:
 @dataclass(frozen=True)
 class Execution:
     """How this process runs the teacher: views per call, the device views are rendered on, the
-    threads decoding ahead (None: one per CPU up to 8; 0: none), and its share of the shards (rank
-    and world size; None: torchrun's RANK and WORLD_SIZE)."""
+    worker processes that read, check and decode the shards ahead (None: on a GPU one per CPU but
+    one, up to 8; on the CPU none; 0: none, this process reads them, with `decode_threads` threads
+    decoding ahead: None, one per CPU up to 8; 0, none), whether the workers render the views too
+    (None: when the device is the CPU; on a GPU this process renders them there), and its share of
+    the shards (rank and world size; None: torchrun's RANK and WORLD_SIZE).
+
+    No workers on the CPU by default: there the teacher's forward takes every core, and on the
+    2-core benchmark machine one worker process was no faster (disease teacher, 0.77 against 0.79
+    of the bare forward) or slower (anatomy, 0.48 against 0.57) than reading in this process.
+    """
 
     batch_size: int = 32
     device: str = "cpu"
     decode_threads: int | None = None
+    workers: int | None = None
+    render_on_workers: bool | None = None
     rank: int | None = None
     world_size: int | None = None
 
@@ -269,6 +339,17 @@ class Execution:
             raise LeaderError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.decode_threads is not None and self.decode_threads < 0:
             raise LeaderError(f"--decode-threads must be 0 or more, got {self.decode_threads}")
+        if self.workers is not None and self.workers < 0:
+            raise LeaderError(f"precompute workers must be 0 or more, got {self.workers}")
+
+    def worker_count(self, device: str) -> int:
+        if self.workers is not None:
+            return self.workers
+        return min(8, max(1, (os.cpu_count() or 1) - 1)) if torch.device(device).type == "cuda" else 0
+
+    @property
+    def thread_count(self) -> int:
+        return min(8, os.cpu_count() or 1) if self.decode_threads is None else self.decode_threads
 
 
 def precompute(shards_dir: str | Path, name: str, teacher: Teacher, cache_path: str | Path | None = None,
@@ -289,7 +370,6 @@ def precompute(shards_dir: str | Path, name: str, teacher: Teacher, cache_path: 
         raise LeaderError(f"cache {cache_path} is not on a local file system: {world_size} ranks cannot lock it "
                           "to share its boundary chunks; precompute into a local (or shared POSIX) directory and copy it")
     device = local_device(execution.device)               # one GPU per local rank under torchrun
-    threads = min(8, os.cpu_count() or 1) if execution.decode_threads is None else execution.decode_threads
     n_views_teacher = min(layout.views, teacher.max_views) if teacher.max_views else layout.views
     # A second writer of this teacher that is not another rank of this run is refused (locks.py).
     with teacher_writer(cache_path, name, rank, world_size):
@@ -297,14 +377,11 @@ def precompute(shards_dir: str | Path, name: str, teacher: Teacher, cache_path: 
                                             seed=layout.seed, patch_size=layout.patch_size)
         cache.ensure_teacher(name, teacher.describe(), n_views=n_views_teacher, dtype=layout.dtype,
                              replace_mismatched=overwrite_teacher)
-        with ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else contextlib.nullcontext() as pool:
-            return _run(cache, manifest, teacher, name, n_views_teacher, execution.batch_size, device,
-                        rank, world_size, on_progress, pool, ahead=execution.batch_size + 2 * threads)
+        return _run(cache, manifest, teacher, name, n_views_teacher, execution, device, rank, world_size, on_progress)
 
 
-def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n_views: int, batch_size: int,
-         device: str, rank: int, world_size: int, on_progress: Callable[[int, int], None] | None,
-         pool: ThreadPoolExecutor | None = None, ahead: int = 0) -> PrecomputeResult:
+def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n_views: int, execution: Execution,
+         device: str, rank: int, world_size: int, on_progress: Callable[[int, int], None] | None) -> PrecomputeResult:
     done = cache.is_done(name)
     mine = [i for i in range(len(manifest.shards)) if i % world_size == rank]
     todo = [i for i in mine if not done[i]]
@@ -315,71 +392,205 @@ def _run(cache: TeacherCache, manifest: Manifest, teacher: Teacher, name: str, n
     start = time.perf_counter()
     if on_progress is not None:
         on_progress(0, total)
-    with StopOnSigterm() as stop:
-        for shard_index in todo:
-            shard = manifest.shards[shard_index]
-            a, b = shard.rows
-            if teacher.needs_pixels:
-                block, valid, views_done = _embed_shard(cache, manifest, shard_index, teacher, name, n_views,
-                                                        batch_size, device, pool, ahead)
-            else:
-                block, valid = _import_shard(cache, manifest, shard_index, teacher)
-                views_done = int(valid.sum())
-                _count_missing(missing, cache.read_keys(a, b), cache.read_kind(a, b), valid)
-            cache.write_block(name, a, block, valid)
-            cache.mark_done(name, shard_index)          # the flag after the data
-            result.shards_computed.append(shard_index)
-            result.items += b - a
-            result.views += views_done
-            if on_progress is not None:
-                on_progress(result.items, total)
-            if stop.requested:
-                result.interrupted = len(result.shards_computed) < len(todo)
-                break
+    with StopOnSigterm() as stop, contextlib.closing(_EmbedAhead()) as ahead:
+        if teacher.needs_pixels:
+            shards = _embedded_shards(cache, manifest, todo, teacher, name, n_views, execution, device, ahead)
+        else:
+            shards = _imported_shards(cache, manifest, todo, teacher, missing)
+        with contextlib.closing(shards):
+            # With worker processes, shards finish in the order their workers finish them.
+            for shard_index, block, valid, views_done in shards:
+                a, b = manifest.shards[shard_index].rows
+                cache.write_block(name, a, block, valid)
+                cache.mark_done(name, shard_index)          # the flag after the data
+                result.shards_computed.append(shard_index)
+                result.items += b - a
+                result.views += views_done
+                if on_progress is not None:
+                    on_progress(result.items, total)
+                if stop.requested:
+                    result.interrupted = len(result.shards_computed) < len(todo)
+                    break
     result.seconds = time.perf_counter() - start
+    result.shards_computed.sort()
     if not teacher.needs_pixels:
         result.missing = missing
     result.complete = finish_teacher(cache, name)
     return result
 
 
-def _embed_shard(cache: TeacherCache, manifest: Manifest, shard_index: int, teacher: Teacher, name: str,
-                 n_views: int, batch_size: int, device: str,
-                 pool: ThreadPoolExecutor | None = None, ahead: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
-    shard = manifest.shards[shard_index]
-    a, b = shard.rows
-    keys = cache.read_keys(a, b)
-    params = cache.read_params(a, b)[:, :n_views]
-    block = np.full((b - a, n_views, teacher.dim), np.nan, dtype=np.float32)
-    embedder = _BlockEmbedder(teacher, name, batch_size, block, keys)
-    group: list[tuple[dict, np.ndarray]] = []           # samples of one image shape and dtype, rendered together
+ShardRows = tuple[int, np.ndarray, np.ndarray, int]      # (shard index, block, valid, views embedded)
 
-    def render_group() -> None:
-        starts = [meta["rows"][0] - a for meta, _ in group]
-        rendered = render_group_views(
-            [pixels for _, pixels in group], [[p["box"] for p in meta["patches"]] for meta, _ in group],
-            [params[start:start + 1 + len(meta["patches"])] for start, (meta, _) in zip(starts, group)],
-            image_size=teacher.input_size, patch_size=cache.patch_size, patch_out=teacher.input_size, device=device)
-        for start, (meta, _), views in zip(starts, group, rendered):
-            for j, item_views in enumerate(views):
-                embedder.add(start + j, item_views, int(meta.get("bits", 8)))
-        group.clear()
 
-    group_size = max(1, batch_size // n_views)
+def _imported_shards(cache: TeacherCache, manifest: Manifest, todo: list[int], teacher: Teacher,
+                     missing: dict) -> Iterator[ShardRows]:
+    for shard_index in todo:
+        a, b = manifest.shards[shard_index].rows
+        block, valid = _import_shard(cache, manifest, shard_index, teacher)
+        _count_missing(missing, cache.read_keys(a, b), cache.read_kind(a, b), valid)
+        yield shard_index, block, valid, int(valid.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel teachers: shards -> groups of decoded (and, on the CPU, rendered) samples -> the teacher
+
+
+@dataclass(frozen=True)
+class _Render:
+    """Where a group's views are rendered on the host (a worker on the CPU): the teacher's sizes."""
+
+    image_size: int | None
+    patch_size: int
+    patch_out: int | None
+
+
+@dataclass
+class _Group:
+    """A batch's worth of one shard's samples of one image shape and dtype, decoded, in row order."""
+
+    shard: int
+    starts: list[int]                               # each sample's first row in the shard's block
+    bits: list[int]
+    boxes: list[list[list[float]]]                  # each sample's patch boxes
+    params: list[np.ndarray]                        # each sample's rows of view parameters
+    pixels: torch.Tensor | None = None              # (B, H, W) uint8, or float32 in [0, 1]: still to render
+    views: list[list[torch.Tensor]] | None = None   # or rendered: per sample, per item, (Vt, 1, S, S)
+
+    def pin_memory(self) -> "_Group":
+        """What the DataLoader's pin_memory calls: the pixels in page-locked memory, so that their
+        copy to the GPU does not block."""
+        return replace(self, pixels=self.pixels.pin_memory()) if self.pixels is not None else self
+
+
+@dataclass(frozen=True)
+class _ShardEnd:
+    shard: int
+
+
+def _shard_groups(manifest: Manifest, shard_index: int, keys: list[str], params: np.ndarray, group_size: int,
+                  render: _Render | None = None, pool: ThreadPoolExecutor | None = None,
+                  ahead: int = 0) -> Iterator[_Group]:
+    """One shard's samples, checked against the cache's keys, decoded, grouped by shape and dtype
+    `group_size` at a time, and rendered on the CPU when `render` says so."""
+    a = manifest.shards[shard_index].rows[0]
+    pending: list[tuple[dict, np.ndarray]] = []
+
+    def group() -> _Group:
+        metas = [meta for meta, _ in pending]
+        starts = [meta["rows"][0] - a for meta in metas]
+        out = _Group(shard_index, starts, [int(meta.get("bits", 8)) for meta in metas],
+                     [[patch["box"] for patch in meta["patches"]] for meta in metas],
+                     [params[start:start + 1 + len(meta["patches"])] for start, meta in zip(starts, metas)],
+                     pixels=torch.from_numpy(np.stack([pixels for _, pixels in pending])))
+        pending.clear()
+        if render is None:
+            return out
+        views = render_group_views(out.pixels, out.boxes, out.params, image_size=render.image_size,
+                                   patch_size=render.patch_size, patch_out=render.patch_out)
+        return replace(out, pixels=None, views=views)
+
     for sample, pixels in _decoded(_samples_in_order(manifest, shard_index, keys), pool, ahead):
-        if group and (pixels.shape, pixels.dtype) != (group[0][1].shape, group[0][1].dtype):
-            render_group()
-        group.append((sample.meta, pixels))
-        if len(group) == group_size:
-            render_group()
-    if group:
-        render_group()
-    embedder.flush()
-    if np.isnan(block).any():
-        row = int(np.flatnonzero(np.isnan(block).any(axis=(1, 2)))[0])
-        raise LeaderError(f"shard {shard.name}: item {keys[row]!r} got no embedding from teacher {name!r}; "
-                          "the shard and the cache's keys disagree")
-    return block, np.ones(b - a, dtype=bool), embedder.views_done
+        if pending and (pixels.shape, pixels.dtype) != (pending[0][1].shape, pending[0][1].dtype):
+            yield group()
+        pending.append((sample.meta, pixels))
+        if len(pending) == group_size:
+            yield group()
+    if pending:
+        yield group()
+
+
+class _ShardGroups(IterableDataset):
+    """In each DataLoader worker: every num_workers-th shard of the list, as its groups, then its end."""
+
+    def __init__(self, manifest: Manifest, cache_path: str, shards: list[int], n_views: int, group_size: int,
+                 render: _Render | None):
+        self.manifest, self.cache_path, self.shards = manifest, cache_path, shards
+        self.n_views, self.group_size, self.render = n_views, group_size, render
+
+    def __iter__(self) -> Iterator[_Group | _ShardEnd | dict]:
+        info = get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
+        return errors_as_items(self._groups(mine))
+
+    def _groups(self, mine: list[int]) -> Iterator[_Group | _ShardEnd]:
+        cache = TeacherCache.open(self.cache_path)
+        for shard_index in mine:
+            a, b = self.manifest.shards[shard_index].rows
+            yield from _shard_groups(self.manifest, shard_index, cache.read_keys(a, b),
+                                     cache.read_params(a, b)[:, :self.n_views], self.group_size, self.render)
+            yield _ShardEnd(shard_index)
+
+
+class _OpenBlock:
+    """A shard being embedded: its block, filled as its groups arrive."""
+
+    def __init__(self, cache: TeacherCache, manifest: Manifest, shard_index: int, teacher: Teacher, name: str,
+                 n_views: int, batch_size: int, ahead: _EmbedAhead):
+        self.shard_index, self.teacher, self.patch_size = shard_index, teacher, cache.patch_size
+        a, b = manifest.shards[shard_index].rows
+        self.name, self.keys = manifest.shards[shard_index].name, cache.read_keys(a, b)
+        self.block = np.full((b - a, n_views, teacher.dim), np.nan, dtype=np.float32)
+        self.embedder = _BlockEmbedder(teacher, name, batch_size, self.block, self.keys, ahead)
+
+    def add(self, group: _Group, device: str) -> None:
+        views = group.views
+        if views is None:
+            views = render_group_views(group.pixels, group.boxes, group.params, image_size=self.teacher.input_size,
+                                       patch_size=self.patch_size, patch_out=self.teacher.input_size, device=device)
+        for start, bits, sample_views in zip(group.starts, group.bits, views):
+            for j, item_views in enumerate(sample_views):
+                self.embedder.add(start + j, item_views, bits)
+
+    def finish(self) -> ShardRows:
+        self.embedder.flush()
+        if np.isnan(self.block).any():
+            row = int(np.flatnonzero(np.isnan(self.block).any(axis=(1, 2)))[0])
+            raise LeaderError(f"shard {self.name}: item {self.keys[row]!r} got no embedding from teacher "
+                              f"{self.embedder.name!r}; the shard and the cache's keys disagree")
+        return self.shard_index, self.block, np.ones(len(self.block), dtype=bool), self.embedder.views_done
+
+
+def _embedded_shards(cache: TeacherCache, manifest: Manifest, todo: list[int], teacher: Teacher, name: str,
+                     n_views: int, execution: Execution, device: str, ahead: _EmbedAhead) -> Iterator[ShardRows]:
+    """Each shard of `todo` embedded, as it finishes.
+
+    With worker processes, each reads, checks and decodes whole shards (every W-th of the list)
+    and, on the CPU, renders their views, while this process only batches and embeds; on a GPU
+    this process renders each group there, from pixels the workers left in pinned memory. Without
+    workers, this process reads the shards in order, with threads decoding ahead.
+    """
+    if not todo:
+        return
+    group_size = max(1, execution.batch_size // n_views)
+    open_block = lambda i: _OpenBlock(cache, manifest, i, teacher, name, n_views, execution.batch_size, ahead)  # noqa: E731
+    if execution.worker_count(device) == 0:
+        threads = execution.thread_count
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads else contextlib.nullcontext() as pool:
+            for shard_index in todo:
+                block = open_block(shard_index)
+                a, b = manifest.shards[shard_index].rows
+                for group in _shard_groups(manifest, shard_index, block.keys, cache.read_params(a, b)[:, :n_views],
+                                           group_size, pool=pool, ahead=execution.batch_size + 2 * threads):
+                    block.add(group, device)
+                yield block.finish()
+        return
+    cuda = torch.device(device).type == "cuda"
+    on_workers = not cuda if execution.render_on_workers is None else execution.render_on_workers
+    render = _Render(teacher.input_size, cache.patch_size, teacher.input_size) if on_workers else None
+    loader = DataLoader(_ShardGroups(manifest, cache.path, todo, n_views, group_size, render), batch_size=None,
+                        num_workers=min(execution.worker_count(device), len(todo)), pin_memory=cuda and not on_workers,
+                        # A process that has loaded TensorFlow is never forked: its threads do not survive it.
+                        multiprocessing_context="forkserver" if "tensorflow" in sys.modules else None)
+    blocks: dict[int, _OpenBlock] = {}
+    for item in loader:
+        if isinstance(item, dict):
+            raise LeaderError(item[WORKER_ERROR])
+        if isinstance(item, _ShardEnd):
+            yield blocks.pop(item.shard).finish()
+            continue
+        if item.shard not in blocks:
+            blocks[item.shard] = open_block(item.shard)
+        blocks[item.shard].add(item, device)
 
 
 def _decode(sample: Sample) -> np.ndarray:

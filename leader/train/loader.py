@@ -300,6 +300,8 @@ def place_on_canvas(img: np.ndarray, canvas: int, key: str = "") -> tuple[np.nda
     h, w = img.shape
     if h > canvas or w > canvas:
         raise LeaderError(f"sample {key!r}: image {w}x{h} exceeds the stored size {canvas} of its manifest")
+    if (h, w) == (canvas, canvas):                    # a square image fills its canvas: nothing to pad
+        return img[None], np.array([h, w], dtype=np.int64)
     out = np.zeros((1, canvas, canvas), dtype=img.dtype)
     out[0, :h, :w] = img
     return out, np.array([h, w], dtype=np.int64)
@@ -371,16 +373,17 @@ class PhaseEpoch(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         batches = iter(wds.DataPipeline(*self.stages(info.id if info is not None else 0)))
-        return batches if info is None else _errors_as_items(batches)
+        return batches if info is None else errors_as_items(batches)
 
 
 WORKER_ERROR = "leader_error"
 
 
-def _errors_as_items(batches: Iterator[dict]) -> Iterator[dict]:
-    """In a DataLoader worker: a LeaderError travels to the training process as an item and is
-    raised there as the same one line (torch would re-raise it with the worker's traceback inside
-    its message, a wall of text where the user needs the damaged file's name)."""
+def errors_as_items(batches: Iterator) -> Iterator:
+    """In a DataLoader worker (the trainer's, or precompute's): a LeaderError travels to the main
+    process as an item, {WORKER_ERROR: message}, and is raised there as the same one line (torch
+    would re-raise it with the worker's traceback inside its message, a wall of text where the
+    user needs the damaged file's name)."""
     try:
         yield from batches
     except LeaderError as e:
