@@ -102,3 +102,33 @@ def test_another_profile_in_the_same_directory_is_refused(smoke_run):
     result = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert result.exit_code != 0
     assert "holds pipeline 'demo' (profile 'smoke')" in str(result.exception)
+
+
+def test_a_demo_seed_moves_every_seed_of_the_pipeline_together(tmp_path):
+    from leader.demo.pipeline import SEED_STRIDE, demo_pipeline
+
+    base = plan_steps(demo_pipeline("default"), tmp_path).steps
+    moved = plan_steps(demo_pipeline("default", seed=2), tmp_path).steps
+    assert [s.name for s in base] == [s.name for s in moved]
+    changed = set()
+    for a, b in zip(base, moved):
+        for i, (x, y) in enumerate(zip(a.argv, b.argv)):
+            if x == y:
+                continue
+            # Only seeds differ: `--seed S` of shards, precompute and evaluations, `--set seed=S` of teachers and students.
+            if a.argv[i - 1] == "--seed":
+                assert int(y) == int(x) + 2 * SEED_STRIDE, (a.name, x, y)
+            else:
+                assert x.startswith("seed=") and int(y[5:]) == int(x[5:]) + 2 * SEED_STRIDE, (a.name, x, y)
+            changed.add(a.stage)
+    assert changed == {"shards", "teacher", "precompute", "train", "eval"}
+    phantoms = [s.argv[s.argv.index("--seed") + 1] for s in moved if s.stage == "shards"]
+    assert phantoms == ["2000", "2001"]                      # no other demo seed draws these phantoms
+    assert demo_pipeline("default", seed=2).name == "demo-seed2"
+
+
+def test_two_demo_seeds_do_not_share_an_output_folder(smoke_run):
+    out, _ = smoke_run
+    result = CliRunner().invoke(app, ["demo", "--smoke", "--seed", "1", "--out", str(out)])
+    assert result.exit_code != 0
+    assert "holds pipeline 'demo' (profile 'smoke')" in str(result.exception) and "'demo-seed1'" in str(result.exception)

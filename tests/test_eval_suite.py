@@ -239,6 +239,11 @@ def test_finetune_a_timm_backbone_on_little_data(bench, tmp_path):
     run = metrics["fractions"]["1"]["training"][0]
     assert 1 <= run["epochs_run"] <= 2 and len(run["val_auc"]) == run["epochs_run"]
     assert 0.0 <= metrics["auc_mean"] <= 1.0
+    # The bootstrap replicates behind the CI are kept for paired claims, as the linear probe's are.
+    assert metrics["paired"] == {"metric": "auc_mean", "field": "auc_boot", "over": "bootstrap resamples of the test images",
+                                 "test": "bootstrap"}
+    assert len(metrics["auc_boot"]) == 50
+    assert np.nanpercentile(metrics["auc_boot"], [2.5, 97.5]) == pytest.approx(metrics["auc_ci95"], abs=1e-5)
     assert_png(tmp_path / "ft" / "auc_per_class.png")
 
 

@@ -33,3 +33,25 @@ def test_jitter_moves_and_scales_within_bounds_and_is_seeded():
             assert abs(cx - x) <= 0.25 * side + 1e-3 and abs(cy - y) <= 0.25 * side + 1e-3
             moved.append(max(abs(cx - x), abs(cy - y)) / side)
     assert np.mean(moved) > 0.1                                          # most patches really move
+
+
+def test_shards_build_takes_the_jitter_and_scale_from_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from leader.cli import app
+    from leader.shards.layout import iter_samples
+    from leader.shards.manifest import Manifest
+
+    out = tmp_path / "jittered"
+    args = ["shards", "build", "phantom", "--out", str(out), "--n", "6", "--size", "64", "--shard-size", "6",
+            "--landmark-splits", "train,val,test"]
+    result = CliRunner().invoke(app, args + ["--landmark-jitter", "0.25", "--landmark-scale", "0.7,1.4"])
+    assert result.exit_code == 0, result.output
+    assert Manifest.load(out).build["patch"]["landmark_jitter"] == 0.25
+    assert Manifest.load(out).build["patch"]["landmark_scale"] == [0.7, 1.4]
+    sides = [p["box"][2] - p["box"][0] for s in iter_samples(out) for p in s.meta["patches"] if p["kind"] == "landmark"]
+    assert len(sides) >= 10 and min(sides) < 14.0 < max(sides)        # 224/1024 of 64 px is 14 px
+    for bad, words in ((["--landmark-scale", "1.4"], "LOW,HIGH"), (["--landmark-scale", "1.4,0.7"], "LOW <= HIGH"),
+                       (["--landmark-jitter", "0.9"], "--landmark-jitter")):
+        result = CliRunner().invoke(app, args[:4] + [str(tmp_path / "bad")] + args[5:] + bad)
+        assert result.exit_code != 0 and words in str(result.exception), bad

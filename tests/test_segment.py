@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from leader.cli import app
 from leader.errors import LeaderError
-from leader.evaluate.seg_metrics import image_dice, image_iou, overlap_counts, pooled_dice, pooled_iou, seed_scores
+from leader.evaluate.seg_metrics import (bootstrap_replicates, image_dice, image_iou, overlap_counts, pooled_dice,
+                                         pooled_iou, seed_scores)
 from tests.conftest import build_phantom
 
 runner = CliRunner()
@@ -76,6 +77,19 @@ def test_dice_and_iou_match_hand_computed_values_including_empty_cases():
     two = np.concatenate([counts, np.zeros_like(counts)], axis=1)
     assert math.isnan(pooled_dice(two)[1]) and seed_scores(two)["dice"] == pytest.approx(8 / 11)
     assert seed_scores(two)["dice_per_image"] == pytest.approx(((8 / 9 + 1) / 4 + 1) / 2)   # empty-empty: 1
+
+
+def test_bootstrap_replicates_resample_the_same_images_for_every_representation():
+    truth = np.concatenate([masks("##..", "##..", "....", "...."), masks("....", "..##", "..##", "...."),
+                            masks("#...", "....", "....", "...."), masks("....", "....", "....", "...#")])
+    missed = truth.copy()
+    missed[3] = False                                            # the same, but image 3's finding is missed
+    exact = bootstrap_replicates([overlap_counts(truth, truth)], n_boot=400)["dice"]
+    worse = bootstrap_replicates([overlap_counts(missed, truth)], n_boot=400)["dice"]
+    assert np.all(exact == 1.0)
+    # Paired: a resample that leaves image 3 out scores both the same, one that draws it scores the
+    # miss lower. Image 3 is left out of a resample of 4 with probability (3/4)^4 = 0.32.
+    assert np.all(worse <= exact) and np.mean(worse == exact) == pytest.approx(0.75 ** 4, abs=0.06)
 
 
 # --------------------------------------------------------------------------- the UperNet encoder
@@ -181,6 +195,15 @@ def test_a_short_phantom_run_that_compare_and_report_accept(seg_shards, tmp_path
     # The 50% subsets depend on the seed only: both starting points trained on the same images.
     assert [r["n_train"] for r in started["fractions"]["0.5"]["training"]] == \
         [r["n_train"] for r in random["fractions"]["0.5"]["training"]]
+    # Both keep their pooled Dice per bootstrap resample of the same test images: a paired claim reads them.
+    from leader.evaluate.claims import judge
+
+    for m in (started, random):
+        assert m["paired"]["field"] == "dice_boot" and len(m["dice_boot"]) == 50
+        assert np.nanpercentile(m["dice_boot"], [2.5, 97.5]) == pytest.approx(m["dice_ci95"], abs=1e-5)
+    verdict = judge({"name": "init beats random", "protocol": "segment", "subject": "timm:*", "beats": "random:*"},
+                    [started, random])
+    assert "over 50 paired bootstrap resamples" in verdict.detail
     compared = json.loads(leader("eval", "compare", tmp_path / "eval" / "seg-init", tmp_path / "eval" / "seg-random",
                                  "--json"))
     assert compared["metric"] == "dice_mean" and compared["n_a"] == compared["n_b"] == 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import typer
 
@@ -16,23 +16,28 @@ demo_app = typer.Typer(help="The whole pipeline on the built-in phantom (no down
 @demo_app.callback(invoke_without_command=True)
 def demo(
     ctx: typer.Context,
-    out: Path = typer.Option(Path("runs/demo"), "--out", help="Directory for the shards, teachers, students, evaluations and report."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory for the shards, teachers, students, evaluations "
+                                       "and report (default: runs/demo, or runs/demo-seedN with --seed N)."),
     smoke: bool = typer.Option(False, "--smoke", help="A tiny run of every step (CI); its claims may fail at that size."),
     full: bool = typer.Option(False, "--full", help="Add the paper's ablations: single-branch students and the averaging ensemble."),
+    seed: int = typer.Option(0, "--seed", help="Replay the demo from other random draws: moves the phantoms', the "
+                             "teachers', the cached views', the student's and the evaluations' seeds together "
+                             "(0: the pipeline file as written)."),
 ):
     """The whole pipeline on the built-in phantom: shards, teachers, precompute, train, evaluate, report. Resumes when rerun."""
     if ctx.invoked_subcommand is not None:
         return
-    from leader.demo.pipeline import run_demo, step_seconds
+    from leader.demo.pipeline import default_out, run_demo, step_seconds
     from leader.progress import console
     from leader.reproduce.commands import ProgressView
 
     if smoke and full:
         raise LeaderError("--smoke and --full exclude each other: --full adds ablations at the default size")
     profile = "smoke" if smoke else "full" if full else "default"
+    out = out or default_out(seed)
     started = time.perf_counter()
-    with ProgressView(f"demo ({profile})") as view:
-        outcome = run_demo(out, profile, reporter=view)
+    with ProgressView(f"demo ({profile}" + (f", seed {seed})" if seed else ")")) as view:
+        outcome = run_demo(out, profile, reporter=view, seed=seed)
     slowest = sorted(step_seconds(out).items(), key=lambda kv: -kv[1])[:5]
     console.print(f"demo ({profile}) finished in {time.perf_counter() - started:.0f} s "
                   f"({len(outcome.ran)} steps run, {len(outcome.skipped)} done earlier); slowest: "

@@ -40,7 +40,7 @@ from leader.errors import LeaderError
 from leader.evaluate.figures import auc_bars
 from leader.evaluate.initialisation import BackboneSource, backbone_source
 from leader.evaluate.items import ItemTable, label_matrix, patient_subset, read_images
-from leader.evaluate.linear_probe import ProbeLabels, evaluable_classes, fit_probe
+from leader.evaluate.linear_probe import BOOTSTRAP_PAIRS, ProbeLabels, evaluable_classes, fit_probe
 from leader.evaluate.results import write_metrics
 from leader.evaluate.stats import auc_summary, per_class_auc
 from leader.shards.class_sets import SOURCE, select_classes
@@ -186,7 +186,8 @@ def finetune(source: BackboneSource, data: FinetuneData, class_names: list[str],
     head = ("the fitted linear probe (LP-FT)" if cfg.head_init == "probe" else "random")
     return {
         "primary": "auc_mean",
-        **{k: top[k] for k in ("auc_mean", "auc_std", "auc_ci95", "auc_per_class", "per_seed", "fraction")},
+        **{k: top[k] for k in ("auc_mean", "auc_std", "auc_ci95", "auc_boot", "auc_per_class", "per_seed", "fraction")},
+        "paired": BOOTSTRAP_PAIRS,                # the same resamples as the linear probe's, on the same test images
         "fractions": by_fraction,
         "classes": [class_names[c] for c in classes],
         "skipped_classes": skipped,

@@ -16,6 +16,8 @@ positive pixel in prediction or truth has no pooled score and is left out of the
 
 The 95% CIs resample test images with replacement (as the AUC protocols do); each resample uses the
 same images for every seed and averages the seeds, so the interval is that of the reported number.
+The pooled Dice of every resample is kept (`dice_boot`): the resamples depend only on the number of
+test images, so two representations' replicates pair up for a paired test (leader.evaluate.claims).
 """
 from __future__ import annotations
 
@@ -82,8 +84,12 @@ def seed_scores(counts: np.ndarray) -> dict[str, float]:
     }
 
 
-def bootstrap_scores(seed_counts: list[np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile CIs of the seed-averaged scores, resampling test images with replacement."""
+def bootstrap_replicates(seed_counts: list[np.ndarray], n_boot: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:
+    """(n_boot,) seed-averaged scores per name over resamples of the test images drawn with replacement.
+
+    The resamples depend on (seed, number of test images) alone, so two representations segmented
+    on the same test set are resampled identically, and their replicates pair up for a paired test.
+    """
     n = seed_counts[0].shape[0]
     rng = np.random.default_rng(seed)
     # How often each image is drawn in each resample: sums over a resample become one product.
@@ -96,23 +102,22 @@ def bootstrap_scores(seed_counts: list[np.ndarray], n_boot: int = 1000, seed: in
         totals["iou"] += _class_mean(_iou(pooled[..., 0], pooled[..., 1], pooled[..., 2], np.nan))
         totals["dice_per_image"] += _class_mean(weights @ image_dice(counts) / n)
         totals["iou_per_image"] += _class_mean(weights @ image_iou(counts) / n)
-    out = {}
-    for name, total in totals.items():
-        lo, hi = np.nanpercentile(total / len(seed_counts), [2.5, 97.5])
-        out[name] = [float(lo), float(hi)]
-    return out
+    return {name: total / len(seed_counts) for name, total in totals.items()}
 
 
 def segmentation_summary(fraction: float, seed_counts: list[np.ndarray], class_names: list[str], n_boot: int) -> dict:
     """The metrics.json entry of one label fraction: means and std over seeds, CIs, scores per class."""
     per_seed = [seed_scores(c) for c in seed_counts]
-    intervals = bootstrap_scores(seed_counts, n_boot)
+    replicates = bootstrap_replicates(seed_counts, n_boot)
     summary: dict = {"fraction": fraction}
     for name in ("dice", "dice_per_image", "iou", "iou_per_image"):
         values = [s[name] for s in per_seed]
         summary[f"{name}_mean"] = float(np.mean(values))
         summary[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-        summary[f"{name}_ci95"] = intervals[name]
+        lo, hi = np.nanpercentile(replicates[name], [2.5, 97.5])
+        summary[f"{name}_ci95"] = [float(lo), float(hi)]
+    # Paired across representations segmented on the same test images (the same resamples).
+    summary["dice_boot"] = [round(float(r), 6) for r in replicates["dice"]]
     summary["per_seed"] = [s["dice"] for s in per_seed]
     for name, score in (("dice_per_class", pooled_dice), ("iou_per_class", pooled_iou),
                         ("dice_per_image_per_class", lambda c: image_dice(c).mean(0))):

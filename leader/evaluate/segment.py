@@ -55,6 +55,9 @@ from leader.views import IDENTITY, replay_mask_views, replay_views
 TARGETS = ("union", "per-class")
 SPLITS = ("train", "val", "test")
 OVERLAY_CASES = 3                       # best and worst test cases in the figure
+# What a paired claim compares between two starting points segmented on the same test set.
+BOOTSTRAP_PAIRS = {"metric": "dice_mean", "field": "dice_boot", "over": "bootstrap resamples of the test images",
+                   "test": "bootstrap"}
 
 
 @dataclass
@@ -283,8 +286,9 @@ def segment(source: BackboneSource, data: SegmentData, cfg: SegmentConfig, targe
                 for stat in ("mean", "std", "ci95")]
     metrics = {
         "primary": "dice_mean",
-        **{k: top[k] for k in headline + ["dice_per_class", "dice_per_image_per_class", "iou_per_class",
+        **{k: top[k] for k in headline + ["dice_boot", "dice_per_class", "dice_per_image_per_class", "iou_per_class",
                                           "per_seed", "fraction"]},
+        "paired": BOOTSTRAP_PAIRS,
         "fractions": by_fraction,
         "target": target,
         "classes": list(data.classes),

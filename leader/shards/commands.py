@@ -27,6 +27,11 @@ def build(
     workers: int = typer.Option(1, "--workers", help="Decode/resize processes. Output is identical for any value."),
     landmark_splits: str = typer.Option("val,test", "--landmark-splits", help="Splits whose landmarks get landmark "
                                         "patches (comma-separated; they feed the anatomy evaluation only)."),
+    landmark_jitter: float = typer.Option(0.0, "--landmark-jitter", help="Move each landmark patch's centre by up to "
+                                          "this fraction of its side in x and y (seeded per sample and landmark): "
+                                          "a harder anatomy test. 0: centred."),
+    landmark_scale: str = typer.Option("1,1", "--landmark-scale", help="LOW,HIGH: scale each landmark patch's side "
+                                       "by a seeded factor in this range (e.g. 0.7,1.4). 1,1: 224/1024 of the side."),
     seed: int = typer.Option(0, "--seed", help="Seed for patient-wise splits, healthy patches and the phantom."),
     n: Optional[int] = typer.Option(None, "--n", help="Use only the first N images (phantom: how many to generate)."),
     max_reject_fraction: float = typer.Option(0.01, "--max-reject-fraction", help="Fail the build when more inputs than this are rejected."),
@@ -50,6 +55,10 @@ def build(
     chosen = tuple(s for s in landmark_splits.split(",") if s)
     if not set(chosen) <= {"train", "val", "test"}:
         raise LeaderError(f"--landmark-splits {landmark_splits!r}: use train, val and test, comma-separated")
+    scale = landmark_scale_range(landmark_scale)
+    if not 0.0 <= landmark_jitter <= 0.5:
+        # Beyond half a side the patch may no longer hold its landmark at all.
+        raise LeaderError(f"--landmark-jitter must be between 0 and 0.5 (a fraction of the patch side), got {landmark_jitter}")
     settings = BuildSettings(
         dataset=dataset,
         root=str(root.resolve()) if root else None,
@@ -60,7 +69,7 @@ def build(
         n=n,
         max_reject_fraction=max_reject_fraction,
         patch=PatchPlan(healthy_ratio=healthy_ratio, healthy_max_per_image=healthy_max_per_image,
-                        landmark_splits=chosen),
+                        landmark_splits=chosen, landmark_jitter=landmark_jitter, landmark_scale=scale),
         options=parse_key_values(option),
     )
     if root is not None and not root.exists():
@@ -84,6 +93,18 @@ def build(
         typer.echo(json.dumps(summary, indent=1))
     else:
         print_summary(summary)
+
+
+def landmark_scale_range(text: str) -> tuple[float, float]:
+    """`--landmark-scale LOW,HIGH` -> (LOW, HIGH), both positive and LOW <= HIGH."""
+    parts = text.split(",")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise LeaderError(f"--landmark-scale {text!r}: give LOW,HIGH, e.g. 0.7,1.4") from None
+    if not 0 < low <= high:
+        raise LeaderError(f"--landmark-scale {text!r}: need 0 < LOW <= HIGH")
+    return low, high
 
 
 @app.command()
