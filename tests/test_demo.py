@@ -132,3 +132,24 @@ def test_two_demo_seeds_do_not_share_an_output_folder(smoke_run):
     result = CliRunner().invoke(app, ["demo", "--smoke", "--seed", "1", "--out", str(out)])
     assert result.exit_code != 0
     assert "holds pipeline 'demo' (profile 'smoke')" in str(result.exception) and "'demo-seed1'" in str(result.exception)
+
+
+def test_a_teacher_trains_to_the_same_bits_whatever_kernels_and_threads_its_caller_runs(smoke_run, tmp_path):
+    # The caller here runs PyTorch's plain (non-vectorised) kernels on one thread; unpinned, that
+    # changes the weights. The teacher trains in a process of its own on pinned kernels and threads.
+    import os
+    import subprocess
+    import sys
+
+    out, _ = smoke_run
+    shards = out / "shards" / "phantom"
+    settings = ["--set", "steps=6", "--set", "input_size=32", "--set", "batch_size=16"]
+    here = CliRunner().invoke(app, ["demo", "teacher", "anatomy", "--shards", str(shards), "--out", str(tmp_path / "a.pth"), *settings])
+    assert here.exit_code == 0, here.output + repr(here.exception)
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "SSE41"}
+    subprocess.run([sys.executable, "-m", "leader.cli", "demo", "teacher", "anatomy", "--shards", str(shards),
+                    "--out", str(tmp_path / "b.pth"), *settings], env=env, check=True, capture_output=True)
+    a, b = (torch.load(tmp_path / name, weights_only=True)["teacher"] for name in ("a.pth", "b.pth"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["settings"]["threads"] == 2

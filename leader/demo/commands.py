@@ -57,8 +57,9 @@ def teacher_command(
 ):
     """Train one of the demo's teachers; a teacher already trained with the same settings on the same shards is kept."""
     from leader.demo.teachers import (AnatomyTeacherSettings, DiseaseTeacherSettings, settings_from_pairs,
-                                      settings_hash, teacher_is_current, train_anatomy_teacher, train_disease_teacher)
-    from leader.progress import progress, rate_text
+                                      settings_hash, teacher_is_current, train_anatomy_teacher, train_disease_teacher,
+                                      train_in_pinned_process)
+    from leader.progress import progress
 
     trainers = {"disease": (DiseaseTeacherSettings, train_disease_teacher),
                 "anatomy": (AnatomyTeacherSettings, train_anatomy_teacher)}
@@ -69,12 +70,9 @@ def teacher_command(
     if teacher_is_current(out, settings_hash(settings, shards)):
         typer.echo(f"{kind} teacher in {out} is already trained with these settings on these shards")
         return
-    started = time.perf_counter()
     with progress() as bar:
-        task = bar.add_task(f"{kind} teacher", total=None, rate="")
-        record = train(shards, out, settings,
-                       lambda done, total: bar.update(task, completed=done, total=total,
-                                                      rate=rate_text(done, time.perf_counter() - started, "it")))
+        bar.add_task(f"{kind} teacher (in a process of its own, on pinned CPU kernels)", total=None, rate="")
+        record = train_in_pinned_process(train, shards, out, settings)
     numbers = ", ".join(f"{k} {record[k]:.3f}" for k in ("final_train_loss", "val_auc", "val_landmark_accuracy")
                         if k in record)
     typer.echo(f"{kind} teacher: {numbers} ({record['seconds']} s) -> {out}")

@@ -54,6 +54,7 @@ class DiseaseTeacherSettings:
     lr: float = 3e-3
     train_views: int = 3                   # views rendered per training image (view 0 is the image)
     seed: int = 0
+    threads: int = 2                       # fixed, so the weights do not follow the machine's core count
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class AnatomyTeacherSettings:
     near_landmark: float = 0.5             # fraction of patches centred near a landmark, the rest anywhere
     ema: float = 0.99                      # DINO's teacher: an exponential moving average of the student
     seed: int = 0
+    threads: int = 2                       # fixed, so the weights do not follow the machine's core count
 
 
 def settings_hash(settings: DiseaseTeacherSettings | AnatomyTeacherSettings, shards_dir: str | Path) -> str:
@@ -182,9 +184,9 @@ def train_disease_teacher(shards_dir: str | Path, out_dir: str | Path, settings:
     from leader.precompute.teachers.cxr_foundation import export_cxr_foundation_savedmodel
 
     started = time.perf_counter()
-    threads = torch.get_num_threads()
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(min(threads, 2))
+    tf.config.threading.set_intra_op_parallelism_threads(settings.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(settings.seed)
     train, val = load_split(shards_dir, "train"), load_split(shards_dir, "val")
     train_views = _render_training_views(train, settings.train_views, settings.input_size, settings.seed)
@@ -333,6 +335,8 @@ def train_anatomy_teacher(shards_dir: str | Path, out_path: str | Path, settings
     from leader.views import ViewSpec, sample_view_params
 
     started = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    torch.use_deterministic_algorithms(True)
     train, val = load_split(shards_dir, "train"), load_split(shards_dir, "val")
     if np.isnan(train.landmarks).all():
         raise LeaderError(f"{shards_dir} has no landmarks in its train split; the anatomy teacher learns from them")
@@ -397,6 +401,54 @@ def train_anatomy_teacher(shards_dir: str | Path, out_path: str | Path, settings
     }
     atomic_write_json(record_path(out_path), record)
     return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the same bits on any x86-64 machine
+
+# The kernels the frameworks pick follow the CPU's vector width (AVX-512 here, AVX2 or AVX-512
+# elsewhere), and with them the order of each sum: on one AMD EPYC, capping these three libraries at
+# AVX2 changed both teachers' weights, and so did one thread instead of two. Every x86-64 CPU since
+# 2013 (Intel Haswell, AMD Zen) runs the AVX2 kernels, so the teachers train with them, in a fresh
+# process, since each library reads its setting once, when it first runs.
+PINNED_X86_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",        # PyTorch's own vectorised kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",         # oneDNN, under both PyTorch's and TensorFlow's convolutions
+    "MKL_CBWR": "AVX2",                   # MKL's conditional numerical reproducibility
+}
+
+
+def pinned_environment(threads: int) -> dict[str, str]:
+    """The environment variables a teacher trains under: its thread count, and on x86-64 the AVX2 kernels."""
+    import platform
+
+    pinned = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        pinned.update(PINNED_X86_KERNELS)
+    return pinned
+
+
+def train_in_pinned_process(train: Callable, shards_dir: str | Path, out: str | Path, settings) -> dict:
+    """`train(shards_dir, out, settings)` in a fresh process under pinned_environment; returns its record.
+
+    A failure there comes back as the same exception. Progress is not reported across the process
+    boundary; the record holds the curve.
+    """
+    import multiprocessing
+
+    pinned = pinned_environment(settings.threads)
+    saved = {k: os.environ.get(k) for k in pinned}
+    os.environ.update(pinned)                      # a spawned process starts from the parent's environment
+    try:
+        pool = multiprocessing.get_context("spawn").Pool(1)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    with pool:
+        return pool.apply(train, (str(shards_dir), str(out), settings))
 
 
 # ---------------------------------------------------------------------------------------------
