@@ -435,12 +435,15 @@ def train_in_pinned_process(train: Callable, shards_dir: str | Path, out: str | 
     boundary; the record holds the curve.
     """
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     pinned = pinned_environment(settings.threads)
     saved = {k: os.environ.get(k) for k in pinned}
     os.environ.update(pinned)                      # a spawned process starts from the parent's environment
     try:
-        pool = multiprocessing.get_context("spawn").Pool(1)
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = pool.submit(train, str(shards_dir), str(out), settings)   # the process starts here
     finally:
         for k, v in saved.items():
             if v is None:
@@ -448,7 +451,11 @@ def train_in_pinned_process(train: Callable, shards_dir: str | Path, out: str | 
             else:
                 os.environ[k] = v
     with pool:
-        return pool.apply(train, (str(shards_dir), str(out), settings))
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise LeaderError(f"the {type(settings).__name__.removesuffix('Settings')} process died before it "
+                              f"finished (killed, or out of memory): {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------
