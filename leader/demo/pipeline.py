@@ -4,17 +4,16 @@
     outcome = run_demo("runs/demo-seed1", seed=1)       # the same demo from other random draws
     print(outcome.report)
 
-The demo is an ordinary pipeline run by `leader reproduce`'s engine: phantom shards (and a second
-phantom set the student also distils from) -> the two demo teachers, trained by `leader demo
-teacher` and saved in the real formats -> `leader precompute` of each over both sets -> `leader
-train` -> every evaluation of the student, each teacher and their concatenation -> the report with
+The demo is an ordinary pipeline run by `leader reproduce`'s engine: phantom shards -> the two
+demo teachers, trained by `leader demo teacher` and saved in the real formats -> `leader
+precompute` of each -> `leader train` -> every evaluation of the student, each teacher and their concatenation -> the report with
 the paper's claims marked PASS or FAIL. Its profiles are the pipeline file's: `smoke` (tiny) and
 `full` (the ablations). Every step resumes as `leader reproduce` does.
 
 `seed` replays the whole demo from other random draws: every `seed` of the pipeline file (the
 phantoms', the teachers', the cached views', the student's and the evaluations') moves by
-SEED_STRIDE x seed, so that seed 0 is the file as written and no two demo seeds share a draw (the
-extra phantom's seed 1 would otherwise be seed 1's own first phantom).
+SEED_STRIDE x seed, so that seed 0 is the file as written and no two demo seeds share a draw
+(a pipeline file with a second phantom at seed 1 would otherwise give demo seed 1 that phantom).
 """
 from __future__ import annotations
 
