@@ -63,3 +63,17 @@ def test_the_model_ends_at_its_best_validation_epoch_and_stops_after_patience():
     assert log["epochs_run"] == 5 and log["best_epoch"] == 1 and log["val_score"] == [0.6, 0.9, 0.7, 0.8, 0.85]
     assert all(torch.equal(v, snapshots[1][k]) for k, v in task.model.state_dict().items())
     assert np.isfinite(log["train_loss"]).all()
+
+
+def test_with_select_start_the_starting_weights_stay_when_no_epoch_beats_them_on_validation():
+    # The start scores 0.8; epochs score 0.6 and 0.7, and patience 2 ends the run after them.
+    task = BrightnessTask(True, [0.8, 0.6, 0.7, 0.95])
+    start = {k: v.clone() for k, v in task.model.state_dict().items()}
+    log = fit(task, Recipe(epochs=4, batch_size=8, lr=1e-2, patience=2, select_start=True), seed=0)
+    assert log["start_val_score"] == 0.8 and log["val_score"] == [0.6, 0.7]
+    assert log["best_epoch"] == -1 and log["epochs_run"] == 2
+    assert all(torch.equal(v, start[k]) for k, v in task.model.state_dict().items())
+    # Beaten, the start gives way as any epoch would.
+    task = BrightnessTask(True, [0.5, 0.6, 0.7])
+    log = fit(task, Recipe(epochs=2, batch_size=8, lr=1e-2, patience=2, select_start=True), seed=0)
+    assert log["best_epoch"] == 1 and log["start_val_score"] == 0.5

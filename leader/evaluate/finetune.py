@@ -54,6 +54,7 @@ HEAD_INITS = ("probe", "random")
 @dataclass
 class FinetuneConfig(Recipe):
     head_init: str = "probe"         # "probe": LP-FT; "random": a freshly initialised head
+    select_start: bool = True        # LP-FT's start, the probe, stays when no epoch beats it on val
 
 
 @dataclass

@@ -13,7 +13,9 @@ the best epoch. The loop owns the rest, the same for both:
 - each epoch shows every training image through a fresh random view, drawn from (seed, epoch,
   key): the paper's augmentations, replayed by `replay_views` (and `replay_mask_views` for masks);
 - after each epoch the validation score; training stops when it has not improved for `patience`
-  epochs, and the best epoch's weights are kept;
+  epochs, and the best epoch's weights are kept; with `select_start` the starting weights are
+  scored first and kept when no epoch beats them (LP-FT starts from a fitted probe, which
+  fine-tuning should improve, not replace with something worse; the log's best_epoch is then -1);
 - a pretrained backbone keeps its BatchNorm statistics (`keep_norm_stats`); a randomly initialised
   one learns them;
 - on CUDA, bf16 autocast and channels_last; the CPU trains in float32.
@@ -46,6 +48,7 @@ class Recipe:
     patience: int = 5                # epochs without a better validation score before stopping
     augment: bool = True             # random views of the training images
     keep_norm_stats: bool = True     # a pretrained backbone's BatchNorm statistics stay as trained
+    select_start: bool = False       # the starting weights compete with the epochs on validation
 
     def check(self) -> None:
         for name in ("epochs", "batch_size", "patience"):
@@ -112,6 +115,12 @@ def fit(task: Task, recipe: Recipe, seed: int, device: str | torch.device = "cpu
     spec, rng = ViewSpec(), np.random.default_rng(seed)
     best_score, best_epoch, best_state = -math.inf, -1, None
     log: dict = {task.score_name: [], "train_loss": []}
+    if recipe.select_start:
+        model.eval()
+        start = task.validate(device)
+        log["start_" + task.score_name] = start
+        if not np.isnan(start):
+            best_score, best_state = start, copy.deepcopy(model.state_dict())
     for epoch in range(recipe.epochs):
         model.train()
         if recipe.keep_norm_stats and task.pretrained is not None:
