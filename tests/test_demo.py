@@ -19,15 +19,26 @@ from leader.reproduce.steps import plan_steps
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "smoke"
-    result = CliRunner().invoke(app, ["demo", "--smoke", "--out", str(out)])
+    """`leader demo --smoke` as a user runs it, in a process of its own, with every socket to a
+    non-loopback address refused and logged (the guard of tests/faults/test_safety.py)."""
+    import subprocess
+    import sys
+
+    from tests.faults.conftest import REPO
+    from tests.faults.test_safety import guarded_env
+
+    base = tmp_path_factory.mktemp("demo")
+    out, network_log = base / "smoke", base / "network.log"
+    network_log.touch()
+    result = subprocess.run([sys.executable, "-m", "leader.cli", "demo", "--smoke", "--out", str(out)],
+                            env=guarded_env(base, network_log), cwd=REPO, capture_output=True, text=True, timeout=900)
     return out, result
 
 
 def test_smoke_runs_every_step_and_reports_each_claim(smoke_run):
     out, result = smoke_run
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    assert f"report: {out / 'report.md'}" in result.output
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"report: {out / 'report.md'}" in result.stdout
     pipeline = load_pipeline(DEMO_PIPELINE, PROFILES["smoke"])
     steps = [s.name for s in plan_steps(pipeline, out).steps]
     markers = {p.stem: json.loads(p.read_text()) for p in (out / "state").glob("*.json")}
@@ -38,6 +49,12 @@ def test_smoke_runs_every_step_and_reports_each_claim(smoke_run):
         assert len(verdict) == 1 and ("**PASS**" in verdict[0] or "**FAIL**" in verdict[0]), claim["name"]
     assert "smoke profile" in report
     assert "`disease` (made by `leader demo teacher disease`)" in report
+
+
+def test_the_demo_never_reaches_for_the_network(smoke_run):
+    out, _ = smoke_run
+    log = out.parent / "network.log"
+    assert log.exists() and log.read_text() == "", f"the demo tried to reach the network: {log.read_text()}"
 
 
 def test_teachers_are_in_the_real_formats_and_load_through_the_adapters(smoke_run):

@@ -7,7 +7,7 @@ ChestX-Det (PNGs and the two JSON lists) and SIIM-ACR (nested DICOMs and the pne
 CSV). The teachers are tiny but real: a CXR Foundation v2 SavedModel (TensorFlow, so its
 precompute runs in a child process) and an Adam-v2 ResNet checkpoint. The pipeline builds the
 shards, fills the cache (each teacher only where it is read), trains a student on VinDr, probes,
-retrieves, fine-tunes and writes the report.
+retrieves, fine-tunes, segments SIIM's pneumothorax masks and writes the report.
 """
 from __future__ import annotations
 
@@ -186,12 +186,17 @@ def study(folder: Path) -> Path:
             {"name": "probe-siim", "protocol": "linear-probe", "dataset": "siim", "representations": ["student"]},
             {"name": "finetune-siim", "protocol": "finetune", "dataset": "siim",
              "options": {"epochs": 1, "batch_size": 8, "n_boot": 20}, "representations": ["student"]},
+            {"name": "segment-siim", "protocol": "segment", "dataset": "siim",
+             "options": {"size": 32, "epochs": 2, "batch_size": 8, "decoder_channels": 8, "n_boot": 20},
+             "representations": ["student", {"label": "random", "repr": "random:student"}]},
         ],
         "report": {"tables": [{"title": "Linear probes and fine-tuning, test AUC",
                                "columns": [{"title": "NIH", "evaluation": "probe-nih14"},
                                            {"title": "VinDr lesions", "evaluation": "lesion-vindr"},
                                            {"title": "SIIM probe", "evaluation": "probe-siim"},
-                                           {"title": "SIIM fine-tuned", "evaluation": "finetune-siim"}]}],
+                                           {"title": "SIIM fine-tuned", "evaluation": "finetune-siim"}]},
+                              {"title": "Pneumothorax segmentation on SIIM-ACR, test Dice",
+                               "columns": [{"title": "Dice (pooled)", "evaluation": "segment-siim"}]}],
                    "figures": [{"title": "Retrieval on ChestX-Det", "evaluation": "retrieval-chestx-det",
                                 "figure": "retrieval_grid"}]},
     }
@@ -230,6 +235,8 @@ def test_a_study_over_real_dataset_layouts_runs_end_to_end_on_the_cpu(tmp_path):
     assert all(cell[0].isdigit() for cell in rows["`student`"]), rows["`student`"]
     assert rows["`teacher-anatomy`"][1:] == ["-", "-", "-"]
     assert "retrieval_grid.png)" in report
+    segmentation = report[report.index("## Pneumothorax segmentation on SIIM-ACR"):]
+    assert all(f"| `{label}` | " in segmentation for label in ("student", "random"))
     for section in ("## Evaluations on nih14", "## Evaluations on vindr", "## Evaluations on chestx-det",
                     "## Evaluations on siim"):
         assert section in report

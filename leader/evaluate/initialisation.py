@@ -5,7 +5,7 @@
     source = backbone_source("timm:resnet50")                    # the same architecture, random weights
     source = backbone_source("export:exports/swinb")             # a `leader export` folder
     source = backbone_source("adam:adam_v2.pth")                 # the anatomy teacher's checkpoint
-    source = backbone_source("random:run:runs/demo/student")     # the student's architecture, random weights
+    source = backbone_source("random:run:runs/demo/students/student")   # the student's architecture, random weights
     net = source.build()                                          # a fresh copy: (B, C, S, S) -> (B, num_features)
 
 Classification fine-tuning puts a linear head on `build()`; segmentation builds a UperNet whose
