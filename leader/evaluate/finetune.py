@@ -1,6 +1,6 @@
 """Full fine-tuning for classification: the whole backbone plus a linear head, trained on image labels.
 
-    source = backbone_source("run:runs/demo/student")
+    source = backbone_source("run:runs/demo/students/student")
     metrics = finetune(source, data, class_names, FinetuneConfig(), fractions=(0.1, 1.0), seeds=3)
 
 The loop is `leader.evaluate.tuning.fit` (AdamW, warm-up then cosine, random views, early

@@ -1,6 +1,6 @@
 """What a fine-tuned network starts from: a backbone, its timm architecture and its input.
 
-    source = backbone_source("run:runs/demo/student")          # the student's backbone
+    source = backbone_source("run:runs/demo/students/student")          # the student's backbone
     source = backbone_source("timm:resnet50:imagenet.pth")       # any timm model, a local checkpoint
     source = backbone_source("timm:resnet50")                    # the same architecture, random weights
     source = backbone_source("export:exports/swinb")             # a `leader export` folder

@@ -1,7 +1,7 @@
 """Evaluation protocols by name: the one list that `leader eval` and `leader report` iterate.
 
     protocol = PROTOCOLS.get("retrieval")
-    metrics = protocol("shards/phantom", ["run:runs/demo/student"], "eval/retrieval", k=20)
+    metrics = protocol("shards/phantom", ["run:runs/demo/students/student"], "eval/retrieval", k=20)
     for protocol in protocols():        # in report order
         ...
 

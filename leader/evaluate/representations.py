@@ -1,7 +1,7 @@
 """Representations by name: what every evaluation protocol is run on.
 
     X, rows = features("teacher:disease", "shards/phantom", kind="image", split="test")
-    X, rows = features("run:runs/demo/student", "shards/phantom", rows=[0, 5, 9])
+    X, rows = features("run:runs/demo/students/student", "shards/phantom", rows=[0, 5, 9])
     X, rows = features("concat:teacher:disease+teacher:anatomy", "shards/phantom", rows=rows)
 
 Names:

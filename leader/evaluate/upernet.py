@@ -1,6 +1,6 @@
 """A UperNet whose encoder is a fine-tuning starting point: the student, an export, a timm model.
 
-    model, encoder = build_upernet(backbone_source("run:runs/demo/student"), classes=1, size=448)
+    model, encoder = build_upernet(backbone_source("run:runs/demo/students/student"), classes=1, size=448)
     encoder["loaded"]                     # every encoder tensor, copied from the student's backbone
 
 The decoder is segmentation-models-pytorch's UPerNet (PPM + FPN, `decoder_channels` wide), the
