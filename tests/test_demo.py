@@ -20,12 +20,12 @@ from leader.reproduce.steps import plan_steps
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     """`leader demo --smoke` as a user runs it, in a process of its own, with every socket to a
-    non-loopback address refused and logged (the guard of tests/faults/test_safety.py)."""
+    non-loopback address refused and logged (tests/network_guard.py)."""
     import subprocess
     import sys
 
     from tests.faults.conftest import REPO
-    from tests.faults.test_safety import guarded_env
+    from tests.network_guard import guarded_env
 
     base = tmp_path_factory.mktemp("demo")
     out, network_log = base / "smoke", base / "network.log"

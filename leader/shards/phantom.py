@@ -808,12 +808,7 @@ def render_masks(image_id: str, seed: int, config: PhantomConfig | None = None) 
     size = config.size
     strip = _Strip(size, plan.pose, 0, size)
     masks = {name: np.zeros((size, size), dtype=bool) for name in MASK_CLASSES}
-    for finding in plan.findings:
-        win = strip.window(finding.bbox)
-        if win is None:
-            continue
-        _, paint = _FINDINGS[finding.label]
-        _, extent = paint(plan.anatomy, finding, strip.x[win], strip.y[win], strip.edge)
+    for finding, win, _, extent in _painted_findings(strip, plan):
         extent = np.broadcast_to(extent, strip.x[win].shape)
         masks[finding.label][win] |= extent >= min(0.5, 0.5 * float(extent.max())) + 1e-6
     for side, name in ((-1, "right_lung"), (1, "left_lung")):
@@ -1066,13 +1061,19 @@ _PAINTERS = (
 )
 
 
-def _paint_findings(strip: _Strip, plan: _Plan) -> None:
+def _painted_findings(strip: _Strip, plan: _Plan):
+    """(finding, window, attenuation delta, extent) for each finding that reaches the strip."""
     for finding in plan.findings:
         win = strip.window(finding.bbox)
         if win is None:
             continue
         _, paint = _FINDINGS[finding.label]
         delta, extent = paint(plan.anatomy, finding, strip.x[win], strip.y[win], strip.edge)
+        yield finding, win, delta, extent
+
+
+def _paint_findings(strip: _Strip, plan: _Plan) -> None:
+    for finding, win, delta, extent in _painted_findings(strip, plan):
         strip.attenuation[win] += delta
         if finding.label == "pneumothorax":  # no lung markings beyond the pleural line
             strip.attenuation[win] -= strip.markings[win] * extent
